@@ -1,0 +1,151 @@
+"""The command line: parse arguments, load settings, run. The only place that exits.
+
+Exit status: 0 success; 1 the token endpoint refused or failed (``check``, ``token``);
+2 the configuration is unusable (one line on stderr naming the key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import __version__, config, logs
+from .app import client_session
+from .config import AuthSettings, Secret, Settings, UpstreamSettings
+from .errors import ConfigError, TokenError
+from .server import Proxy, run
+from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
+from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
+from .token_store import TokenStore
+
+EXIT_TOKEN_FAILED = 1
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML settings file (default: $SPARKS_PROXY_CONFIG, else ./config.toml)",
+    )
+    common.add_argument("--log-level", choices=config.CHOICES["log.level"])
+    common.add_argument("--log-format", choices=config.CHOICES["log.format"])
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument("--host", help="address to listen on (server.host)")
+    listen.add_argument("--port", type=int, help="port to listen on (server.port)")
+
+    parser = argparse.ArgumentParser(
+        prog="sparks-proxy",
+        description="Local authenticating reverse proxy for the Logicdrop Sparks API.",
+        epilog="Settings precedence: flags > SPARKS_PROXY_<SECTION>_<KEY> > file > defaults.",
+    )
+    parser.add_argument("--version", action="version", version=f"sparks-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("serve", parents=[common, listen], help="run the proxy")
+    commands.add_parser(
+        "check",
+        parents=[common],
+        help="validate settings and fetch a token; print its expiry and scope (never the token)",
+    )
+    commands.add_parser("token", parents=[common], help="print a valid token on stdout")
+    commands.add_parser(
+        "demo",
+        parents=[common, listen],
+        help="run the proxy in front of a stand-in token server and upstream (no credentials)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        "server.host": getattr(args, "host", None),
+        "server.port": getattr(args, "port", None),
+        "log.level": args.log_level,
+        "log.format": args.log_format,
+    }
+    try:
+        settings = config.load(args.config, environ, overrides)
+        if args.command != "demo":
+            config.require_credentials(settings)
+    except ConfigError as error:
+        print(f"sparks-proxy: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    logs.configure(settings.log)
+    try:
+        if args.command == "serve":
+            asyncio.run(run(settings))
+        elif args.command == "demo":
+            asyncio.run(_demo(settings))
+        elif args.command == "check":
+            token = asyncio.run(_fetch(settings, use_store=False))
+            print(
+                f"ok: {settings.auth.token_url} issued a token for client "
+                f"{settings.auth.client_id!r}: expires in {token.lifetime:.0f} s (at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(time.time() + token.lifetime))}"
+                f"), scope {token.scope or '(none)'!r}"
+            )
+        else:
+            print(asyncio.run(_fetch(settings, use_store=True)).value)
+    except TokenError as error:
+        print(f"sparks-proxy: token request failed: {error.code}: {error.detail}", file=sys.stderr)
+        return EXIT_TOKEN_FAILED
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _fetch(settings: Settings, *, use_store: bool) -> Token:
+    """One token; with ``use_store``, the persisted one while valid (and a new one is saved)."""
+    store = None
+    if use_store and settings.auth.token_cache_file:
+        store = TokenStore(settings.auth.token_cache_file, CredentialIdentity.of(settings.auth))
+        stored = store.load()
+        if stored is not None:
+            return stored
+    async with client_session(settings) as session:
+        token = await TokenEndpoint(settings.auth, session).fetch()
+    if store is not None:
+        store.save(token)
+    return token
+
+
+async def _demo(settings: Settings) -> None:
+    async with StandInTokenServer() as token_server, StandInUpstream() as upstream:
+        demo = dataclasses.replace(
+            settings,
+            upstream=UpstreamSettings(url=upstream.url),
+            auth=AuthSettings(
+                token_url=token_server.token_url,
+                client_id=DEMO_CLIENT_ID,
+                client_secret=Secret(DEMO_CLIENT_SECRET),
+            ),
+        )
+        await run(config.validate(demo), on_ready=lambda proxy: _demo_banner(proxy, upstream))
+
+
+def _demo_banner(proxy: Proxy, upstream: StandInUpstream) -> None:
+    print(
+        f"""
+sparks-proxy demo: the proxy on {proxy.url} forwards to a stand-in upstream ({upstream.url})
+with a token from a stand-in token server; no real credentials are used. Try:
+
+  curl -s {proxy.url}/projects/acme?view=full        # echoed upstream, with the proxy's token
+  curl -s {proxy.url}/-/readyz                       # ready: a valid token is held
+  curl -s {proxy.url}/-/metrics | grep sparks_proxy  # Prometheus metrics
+
+Press Ctrl-C to stop.
+""",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

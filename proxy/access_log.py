@@ -1,0 +1,56 @@
+"""One access-log line and one metrics sample per answered request."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aiohttp import web
+
+from .metrics import Metrics
+
+log = logging.getLogger("sparks_proxy.access")
+
+
+class AccessLog:
+    """Records each request: method, path without query, status, bytes, durations."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def record(
+        self,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+        started: float,
+        upstream_seconds: float | None = None,
+    ) -> None:
+        """Count the request and, when access logging is on, write its line."""
+        seconds = time.monotonic() - started
+        status = response.status
+        self._metrics.count_request(request.method, status, seconds)
+        if log.disabled or not log.isEnabledFor(logging.INFO):
+            return
+        # The path only: queries may carry personal data or, from careless clients, secrets.
+        path = request.path
+        size = response.body_length if response.prepared else response.content_length or 0
+        upstream_ms = round(upstream_seconds * 1000, 2) if upstream_seconds is not None else None
+        log.info(
+            '%s "%s %s" %d %d B %.2f ms%s',
+            request.remote,
+            request.method,
+            path,
+            status,
+            size,
+            seconds * 1000,
+            f" (upstream {upstream_ms} ms)" if upstream_ms is not None else "",
+            extra={
+                "client": request.remote,
+                "method": request.method,
+                "path": path,
+                "status": status,
+                "bytes": size,
+                "duration_ms": round(seconds * 1000, 2),
+                "upstream_ms": upstream_ms,
+            },
+        )

@@ -1,0 +1,122 @@
+"""The reserved ``/-/`` paths, answered by the proxy and never forwarded.
+
+- ``/-/healthz``: 200 while the process serves (liveness).
+- ``/-/readyz``: 200 only while a valid token is held and the proxy is not draining (readiness).
+- ``/-/metrics``: Prometheus text exposition.
+- ``/-/oauth/token``: a stand-in token endpoint for apps built on the official SDKs, which insist
+  on fetching a token themselves. It answers any client-credentials request with an inert
+  placeholder; the real token never leaves the proxy, which replaces whatever the app sends.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from urllib.parse import parse_qs
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .errors import BadRequest, MethodNotAllowed, NotFound
+from .metrics import Metrics
+from .tokens import TokenManager
+
+PLACEHOLDER_TOKEN = "sparks-proxy-placeholder-token"  # noqa: S105 - inert by design
+PLACEHOLDER_LIFETIME = 86400
+
+AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class Lifecycle:
+    """Whether the proxy is shutting down (readiness fails at once when it is)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+
+
+class Admin:
+    """Answers the reserved paths."""
+
+    def __init__(self, tokens: TokenManager, metrics: Metrics, lifecycle: Lifecycle) -> None:
+        self._tokens = tokens
+        self._metrics = metrics
+        self._lifecycle = lifecycle
+        self._routes: dict[str, tuple[frozenset[str], AdminHandler]] = {
+            "/-/healthz": (frozenset({"GET", "HEAD"}), self.healthz),
+            "/-/readyz": (frozenset({"GET", "HEAD"}), self.readyz),
+            "/-/metrics": (frozenset({"GET", "HEAD"}), self.metrics),
+            "/-/oauth/token": (frozenset({"POST"}), self.oauth_token),
+        }
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Dispatch a request for a reserved path; errors are raised as ProxyError."""
+        path = request.raw_path.partition("?")[0]
+        route = self._routes.get(path)
+        if route is None:
+            raise NotFound(
+                f"{path} is reserved by the proxy and does not exist; "
+                f"reserved paths are {', '.join(self._routes)}"
+            )
+        methods, handler = route
+        if request.method not in methods:
+            raise MethodNotAllowed(f"{path} accepts {', '.join(sorted(methods))} only")
+        return await handler(request)
+
+    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Liveness: the process is up and serving."""
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Readiness: a valid token is held and the proxy is not shutting down."""
+        token = self._tokens.current()
+        checks: dict[str, dict[str, object]] = {}
+        if token is not None:
+            checks["token"] = {"ok": True, "expires_in": round(token.remaining())}
+        else:
+            error = self._tokens.last_error
+            checks["token"] = {
+                "ok": False,
+                "error": error.code if error else "pending",
+                "detail": error.detail if error else "the first token request is under way",
+                "retry_in": round(self._tokens.retry_after(), 1),
+            }
+        checks["shutdown"] = {"ok": not self._lifecycle.draining}
+        ready = all(check["ok"] for check in checks.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status=200 if ready else 503,
+        )
+
+    async def metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Prometheus text exposition of this proxy's registry."""
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def oauth_token(self, request: web.BaseRequest) -> web.StreamResponse:
+        """A client-credentials endpoint that issues only an inert placeholder."""
+        grant = _grant_type(await request.read(), request.content_type)
+        if grant != "client_credentials":
+            raise BadRequest(
+                "unsupported_grant_type: the proxy's token endpoint serves the "
+                "client_credentials grant only; any client_id and client_secret will do"
+            )
+        return web.json_response(
+            {
+                "access_token": PLACEHOLDER_TOKEN,
+                "token_type": "Bearer",
+                "expires_in": PLACEHOLDER_LIFETIME,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+
+def _grant_type(body: bytes, content_type: str) -> str | None:
+    if content_type == "application/x-www-form-urlencoded":
+        values = parse_qs(body.decode("utf-8", "replace")).get("grant_type")
+        return values[0] if values else None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    grant = doc.get("grant_type") if isinstance(doc, dict) else None
+    return grant if isinstance(grant, str) else None

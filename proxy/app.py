@@ -1,0 +1,128 @@
+"""create_app(settings): state, the resources' single owner, and the request dispatcher.
+
+The :class:`aiohttp.web.Application` holds the app's state under typed keys and owns the async
+resources in one cleanup context: the upstream ``ClientSession`` and the ``TokenManager`` are
+made at start-up and closed at shutdown, in reverse order, and only if they were made. Requests
+are dispatched by :func:`dispatcher`: ``/-/`` paths to the admin routes, all others forwarded.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from .access_log import AccessLog
+from .admin import Admin, Lifecycle
+from .config import Settings
+from .errors import ProxyError, error_response
+from .forward import Forwarder
+from .metrics import Metrics
+from .token_endpoint import CredentialIdentity, TokenEndpoint
+from .token_store import TokenStore
+from .tokens import TokenManager
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+TOKENS = web.AppKey("tokens", TokenManager)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+ADMIN = web.AppKey("admin", Admin)
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def create_app(settings: Settings) -> web.Application:
+    """An application for ``settings``; its resources exist between startup and cleanup."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[LIFECYCLE] = Lifecycle()
+    app.cleanup_ctx.append(upstream_client)
+    return app
+
+
+def client_session(settings: Settings) -> aiohttp.ClientSession:
+    """The one upstream/token-endpoint session, with a proxy's defaults, not a browser's."""
+    upstream = settings.upstream
+    ssl_context = ssl.create_default_context(cafile=upstream.ca_file or None)
+    connector = aiohttp.TCPConnector(
+        limit=upstream.pool_size,
+        limit_per_host=upstream.pool_size,
+        ssl=ssl_context,  # always verified; ca_file adds a private CA
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # One client's cookies must never reach another client's request.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        # Bodies pass through as the upstream sent them.
+        auto_decompress=False,
+        # Add no header the client did not send.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        request_class=VerbatimRequest,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=upstream.pool_timeout + upstream.connect_timeout,
+            sock_connect=upstream.connect_timeout,
+            sock_read=upstream.read_timeout,
+        ),
+        trust_env=upstream.trust_env,
+        # Paths and queries are sent exactly as received; see forward._origin_form.
+        requote_redirect_url=False,
+    )
+
+
+class VerbatimRequest(aiohttp.ClientRequest):
+    """A client request that adds no ``Content-Length: 0`` to a request that had no body."""
+
+    def update_body_from_data(self, body: object, _stacklevel: int = 3) -> None:
+        """Leave a bodiless request bodiless; otherwise as aiohttp does."""
+        if body is None:
+            return
+        super().update_body_from_data(body, _stacklevel)
+
+
+async def upstream_client(app: web.Application) -> AsyncIterator[None]:
+    """Cleanup context: the ClientSession and TokenManager, started and closed together."""
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+    async with client_session(settings) as session:
+        store = (
+            TokenStore(settings.auth.token_cache_file, CredentialIdentity.of(settings.auth))
+            if settings.auth.token_cache_file
+            else None
+        )
+        tokens = TokenManager(
+            settings.auth, TokenEndpoint(settings.auth, session), store=store, metrics=metrics
+        )
+        await tokens.start()
+        try:
+            app[TOKENS] = tokens
+            app[FORWARDER] = Forwarder(settings, session, tokens, metrics, AccessLog(metrics))
+            app[ADMIN] = Admin(tokens, metrics, app[LIFECYCLE])
+            yield
+        finally:
+            await tokens.close()
+
+
+def dispatcher(app: web.Application) -> Handler:
+    """The listener's request handler for a started ``app``."""
+    forward = app[FORWARDER]
+    admin = app[ADMIN]
+    access_log = AccessLog(app[METRICS])
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        if not request.raw_path.startswith("/-/"):
+            return await forward(request)
+        started = time.monotonic()
+        try:
+            response = await admin(request)
+        except ProxyError as error:
+            response = error_response(error)
+        access_log.record(request, response, started)
+        return response
+
+    return handle

@@ -1,0 +1,165 @@
+"""The exception tree, and the one place where an error becomes an HTTP answer.
+
+::
+
+    SparksProxyError
+     ├── ConfigError            settings are unusable; the CLI exits with status 2
+     ├── TokenError             one token request failed (network, status, body)
+     └── ProxyError             the proxy answers a request itself, as JSON
+          ├── BadRequest            400: the request cannot be forwarded as sent
+          ├── NotFound              404: a reserved /-/ path that does not exist
+          ├── MethodNotAllowed      405: CONNECT and other tunnels
+          ├── PayloadTooLarge       413: body over server.max_body_size
+          ├── ExpectationFailed     417: an Expect other than 100-continue
+          ├── UpstreamUnreachable   502: connect refused, reset, DNS, TLS, or connect timeout
+          ├── BadUpstreamResponse   502: the upstream answered something that is not HTTP
+          ├── TokenUnavailable      503: no valid token and none can be had right now
+          ├── UpstreamBusy          503: no pooled connection came free in time
+          └── UpstreamTimeout       504: no byte from the upstream within read_timeout
+
+Every answer made here carries ``X-Sparks-Proxy-Error: <code>`` so clients and operators can
+tell proxy-made errors from upstream answers, and a body ``{"error": code, "detail": text}``.
+Details are written by this package, never copied from request bytes, secrets or tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from aiohttp import web
+
+ERROR_HEADER = "X-Sparks-Proxy-Error"
+
+
+class SparksProxyError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class ConfigError(SparksProxyError):
+    """Raised by configuration loading: the message names the key and what is expected."""
+
+
+class TokenError(SparksProxyError):
+    """Raised when a token request fails.
+
+    ``code`` is an OAuth error code (``invalid_client``) or one of ours (``token_timeout``);
+    ``permanent`` marks failures that retrying soon will not fix (bad credentials);
+    ``retry_after`` is the server's own wait hint in seconds, when it gave one.
+    """
+
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        *,
+        permanent: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+        self.permanent = permanent
+        self.retry_after = retry_after
+
+
+class ProxyError(SparksProxyError):
+    """An answer the proxy gives itself instead of the upstream's."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class BadRequest(ProxyError):
+    """Raised when a request cannot be forwarded as it was sent."""
+
+    status = 400
+    code = "bad_request"
+
+
+class NotFound(ProxyError):
+    """Raised for a path under the reserved ``/-/`` prefix that the proxy does not serve."""
+
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    """Raised for CONNECT: the proxy never opens a tunnel."""
+
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ProxyError):
+    """Raised when a request body is larger than ``server.max_body_size``."""
+
+    status = 413
+    code = "payload_too_large"
+
+
+class ExpectationFailed(ProxyError):
+    """Raised for an ``Expect`` header other than ``100-continue``."""
+
+    status = 417
+    code = "expectation_failed"
+
+
+class UpstreamUnreachable(ProxyError):
+    """Raised when no connection to the upstream could be made (refused, DNS, TLS, timeout)."""
+
+    status = 502
+    code = "upstream_unreachable"
+
+
+class BadUpstreamResponse(ProxyError):
+    """Raised when the upstream closed the connection or answered something malformed."""
+
+    status = 502
+    code = "bad_upstream_response"
+
+
+class TokenUnavailable(ProxyError):
+    """Raised when no valid token is held and none can be obtained right now."""
+
+    status = 503
+    code = "token_unavailable"
+
+
+class UpstreamBusy(ProxyError):
+    """Raised when every pooled upstream connection stayed busy for ``pool_timeout``."""
+
+    status = 503
+    code = "upstream_busy"
+
+
+class UpstreamTimeout(ProxyError):
+    """Raised when the upstream sent nothing for ``read_timeout`` seconds."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+def json_error(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    retry_after: float | None = None,
+) -> web.Response:
+    """A proxy-made error answer: JSON body, marker header, optional Retry-After."""
+    headers = {ERROR_HEADER: code, "Cache-Control": "no-store"}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    body = json.dumps({"error": code, "detail": detail}).encode()
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """The HTTP answer for a :class:`ProxyError`."""
+    return json_error(error.status, error.code, error.detail, retry_after=error.retry_after)

@@ -1,0 +1,277 @@
+"""The catch-all handler: stream the request upstream with the proxy's token, and the answer back.
+
+Per request: take the raw target (never re-encoded), build upstream headers, get the held token
+(no wait while one is valid), send, and on a 401 retry once with a new token when the body can
+be replayed. Small answers are read whole and written in one go; larger ones stream with
+bounded memory. Compressed bodies pass through untouched in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .access_log import AccessLog
+from .config import Settings
+from .errors import (
+    BadRequest,
+    BadUpstreamResponse,
+    ExpectationFailed,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ProxyError,
+    UpstreamBusy,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    error_response,
+)
+from .headers import LocationRewriter, downstream_response_headers, upstream_request_headers
+from .metrics import Metrics
+from .tokens import TokenManager
+
+log = logging.getLogger("sparks_proxy.forward")
+
+SMALL_ANSWER = 64 * 1024
+"""Answers with a Content-Length up to this are read whole and written with one call."""
+
+
+class Forwarder:
+    """Forwards requests to the configured upstream; an aiohttp handler."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        tokens: TokenManager,
+        metrics: Metrics,
+        access_log: AccessLog,
+    ) -> None:
+        upstream = settings.upstream
+        self._base = upstream.url  # origin plus optional base path, no trailing slash
+        self._session = session
+        self._tokens = tokens
+        self._metrics = metrics
+        self._access_log = access_log
+        self._replay_limit = upstream.replay_body_limit
+        self._max_body = settings.server.max_body_size
+        self._pool_timeout = upstream.pool_timeout
+        self._location = LocationRewriter(upstream.url)
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        self._metrics.in_flight.inc()
+        upstream_seconds: float | None = None
+        try:
+            try:
+                response, upstream_seconds = await self._forward(request, started)
+            except ProxyError as error:
+                self._metrics.proxy_errors.labels(error.code).inc()
+                log.warning(
+                    "%s %s -> %d %s: %s",
+                    request.method,
+                    request.path,
+                    error.status,
+                    error.code,
+                    error.detail,
+                )
+                response = error_response(error)
+        finally:
+            self._metrics.in_flight.dec()
+        self._access_log.record(request, response, started, upstream_seconds)
+        return response
+
+    async def _forward(
+        self, request: web.BaseRequest, started: float
+    ) -> tuple[web.StreamResponse, float | None]:
+        if request.method == "CONNECT":
+            raise MethodNotAllowed("CONNECT is not supported: the proxy never opens a tunnel")
+        url = URL(self._base + _origin_form(request.raw_path), encoded=True)
+        body, replayable, guard = await self._body(request)
+
+        token = await self._tokens.get()
+        while True:
+            headers = upstream_request_headers(
+                request.headers,
+                authorization=token.authorization,
+                client_ip=request.remote,
+                proto=request.scheme,
+            )
+            sent = time.monotonic()
+            upstream = await self._send(request.method, url, headers, body, guard, sent)
+            if upstream.status != 401 or not replayable or not self._tokens.invalidate(token):
+                break
+            upstream.release()
+            self._metrics.upstream_401_retries.inc()
+            token = await self._tokens.get()
+            replayable = False  # exactly one retry
+        upstream_seconds = time.monotonic() - sent
+        try:
+            return await self._relay(request, upstream), upstream_seconds
+        finally:
+            upstream.release()
+
+    async def _body(
+        self, request: web.BaseRequest
+    ) -> tuple[bytes | AsyncIterator[bytes] | None, bool, _BodyGuard | None]:
+        """The body to send upstream, whether it can be sent twice, and its size guard."""
+        length = request.content_length
+        if length is None and not request.body_exists:
+            return None, True, None
+        if self._max_body and length is not None and length > self._max_body:
+            raise PayloadTooLarge(
+                f"request body of {length} bytes is over server.max_body_size ({self._max_body})"
+            )
+        expect = request.headers.get("Expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                raise ExpectationFailed("only Expect: 100-continue is supported")
+            # The proxy answers the client's 100-continue itself (and only once the body is
+            # acceptable); the upstream gets the body without being asked.
+            if request.version >= (1, 1):
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if length is not None and length <= self._replay_limit:
+            try:
+                return await request.read(), True, None
+            except (aiohttp.ClientPayloadError, ConnectionError):
+                raise BadRequest("the request body ended before its declared length") from None
+        guard = _BodyGuard(request.content, self._max_body)
+        return guard.chunks(), False, guard
+
+    async def _send(
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        guard: _BodyGuard | None,
+        sent: float,
+    ) -> aiohttp.ClientResponse:
+        try:
+            return await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ConnectionTimeoutError:
+            # aiohttp's connect timeout covers the wait for a pooled connection too; a wait
+            # longer than pool_timeout means every connection stayed busy.
+            if time.monotonic() - sent >= self._pool_timeout:
+                raise UpstreamBusy(
+                    "every upstream connection stayed busy; raise upstream.pool_size or retry",
+                    retry_after=1,
+                ) from None
+            raise UpstreamUnreachable(
+                "could not connect to the upstream within upstream.connect_timeout"
+            ) from None
+        except aiohttp.SocketTimeoutError:
+            raise UpstreamTimeout(
+                "the upstream sent no answer within upstream.read_timeout"
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(
+                f"could not connect to the upstream ({_reason(exc)})"
+            ) from None
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            if guard is not None and guard.too_large:
+                raise PayloadTooLarge(
+                    f"request body is over server.max_body_size ({guard.limit})"
+                ) from None
+            if guard is not None and guard.truncated:
+                raise BadRequest("the request body ended early") from None
+            raise BadUpstreamResponse(
+                f"the upstream connection failed ({type(exc).__name__})"
+            ) from None
+
+    async def _relay(
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=downstream_response_headers(
+                upstream.headers,
+                location=self._location,
+                proxy_origin=f"{request.scheme}://{host}" if host else None,
+            ),
+        )
+        length = upstream.content_length
+        try:
+            if length is not None and length <= SMALL_ANSWER:
+                body = await upstream.read()
+                await response.prepare(request)
+                await response.write_eof(body)
+                return response
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if not response.prepared:
+                if isinstance(exc, TimeoutError):
+                    raise UpstreamTimeout(
+                        "the upstream stopped sending within upstream.read_timeout"
+                    ) from None
+                raise BadUpstreamResponse(
+                    f"the upstream answer was cut short ({type(exc).__name__})"
+                ) from None
+            # Headers are out: the only honest signal left is to cut the connection, so the
+            # client never takes a truncated body for a complete one.
+            log.warning(
+                "%s %s: upstream answer cut short (%s); aborting the client connection",
+                request.method,
+                request.path,
+                type(exc).__name__,
+            )
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError from None
+        await response.write_eof()
+        return response
+
+
+class _BodyGuard:
+    """Streams a request body upstream, enforcing ``server.max_body_size`` as it goes."""
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self.limit = limit
+        self.too_large = False
+        self.truncated = False
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        size = 0
+        try:
+            async for chunk in self._content.iter_any():
+                size += len(chunk)
+                if self.limit and size > self.limit:
+                    self.too_large = True
+                    raise PayloadTooLarge("request body is over server.max_body_size")
+                yield chunk
+        except (aiohttp.ClientPayloadError, ConnectionError):
+            self.truncated = True
+            raise
+
+
+def _origin_form(target: str) -> str:
+    """The path and query of a request target, byte for byte.
+
+    An absolute-form target (``http://other.example/x``) keeps only its path and query: the
+    destination is always the configured upstream, whatever the client wrote.
+    """
+    if target.startswith("/"):
+        return target
+    scheme, sep, rest = target.partition("://")
+    if not sep or not scheme.isalpha():
+        raise BadRequest("the request target must be a path such as /projects")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith("/") else "/" + path
+
+
+def _reason(exc: aiohttp.ClientConnectorError) -> str:
+    return exc.os_error.strerror or type(exc.os_error).__name__

@@ -1,0 +1,146 @@
+"""Header rules for a transparent, credential-holding proxy (RFC 9110 7.6.1, RFC 9112).
+
+Pure functions, no I/O. Hop-by-hop fields (the fixed list plus whatever ``Connection`` names)
+never cross the proxy in either direction. The client's own credentials never reach the
+upstream: the proxy alone authenticates. Repeated fields (several ``Set-Cookie``) are kept.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+
+CLIENT_CREDENTIALS = frozenset({"authorization", "x-logicdrop-apikey"})
+
+# Set by the proxy itself: Host comes from the upstream URL, X-Forwarded-* are rebuilt, and
+# Expect is answered by the proxy (100 Continue) rather than passed on.
+_REBUILT = frozenset({"host", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+
+_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | _REBUILT
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    """Lower-cased field names listed in ``Connection`` (they are hop-by-hop too)."""
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    return frozenset(
+        name.strip().lower() for value in values for name in value.split(",") if name.strip()
+    )
+
+
+def upstream_request_headers(
+    headers: CIMultiDictProxy[str],
+    *,
+    authorization: str,
+    client_ip: str | None,
+    proto: str,
+) -> CIMultiDict[str]:
+    """The headers to send upstream for a client request with ``headers``.
+
+    Drops hop-by-hop fields and client credentials, sets the proxy's ``Authorization``, and
+    appends the client to ``X-Forwarded-For``/``-Proto``/``-Host``. Everything else passes in
+    order, repeats included; nothing the client did not send is added.
+    """
+    listed = connection_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in listed:
+            continue
+        out.add(name, value)
+    out["Authorization"] = authorization
+    out["X-Forwarded-For"] = _appended(headers, "X-Forwarded-For", listed, client_ip)
+    out["X-Forwarded-Proto"] = _appended(headers, "X-Forwarded-Proto", listed, proto)
+    host = headers.get("Host")
+    if host is not None:
+        out["X-Forwarded-Host"] = _appended(headers, "X-Forwarded-Host", listed, host)
+    return out
+
+
+def _appended(
+    headers: CIMultiDictProxy[str], name: str, listed: frozenset[str], value: str | None
+) -> str:
+    earlier = [] if name.lower() in listed else headers.getall(name, [])
+    return ", ".join([*earlier, value or "unknown"])
+
+
+def downstream_response_headers(
+    headers: CIMultiDictProxy[str], *, location: LocationRewriter, proxy_origin: str | None
+) -> CIMultiDict[str]:
+    """The headers to send the client for an upstream answer with ``headers``."""
+    listed = connection_listed(headers)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in listed:
+            continue
+        if lower == "location":
+            value = location.rewrite(value, proxy_origin)
+        out.add(name, value)
+    return out
+
+
+class LocationRewriter:
+    """Rewrites a ``Location`` on the upstream's origin to the proxy's (nginx ``proxy_redirect
+    default``); any other ``Location`` is left alone, so a redirect elsewhere is never hidden."""
+
+    def __init__(self, upstream_url: str) -> None:
+        parts = urlsplit(upstream_url)
+        self._scheme = parts.scheme
+        self._host = (parts.hostname or "").lower()
+        self._port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        self._base_path = parts.path.rstrip("/")
+
+    def rewrite(self, value: str, proxy_origin: str | None) -> str:
+        """``value`` with the upstream origin and base path replaced by ``proxy_origin``."""
+        if value.startswith("/") and not value.startswith("//"):
+            rest = self._strip_base(value)
+            return value if rest is None else (proxy_origin or "") + rest
+        try:
+            parts = urlsplit(value)
+            port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        except ValueError:
+            return value
+        if (
+            parts.scheme.lower() != self._scheme
+            or (parts.hostname or "").lower() != self._host
+            or port != self._port
+        ):
+            return value
+        # Keep the path and query exactly as sent: cut at the end of the authority.
+        after_scheme = value.split("//", 1)[1]
+        cut = min(
+            (i for i in (after_scheme.find("/"), after_scheme.find("?")) if i >= 0),
+            default=len(after_scheme),
+        )
+        rest = self._strip_base(after_scheme[cut:] or "/")
+        if rest is None:
+            return value
+        return (proxy_origin or "") + rest
+
+    def _strip_base(self, path: str) -> str | None:
+        if not self._base_path:
+            return path if path.startswith("/") else "/" + path
+        if path == self._base_path or path.startswith(self._base_path + "/"):
+            return path[len(self._base_path) :] or "/"
+        if path.startswith(self._base_path + "?"):
+            return "/" + path[len(self._base_path) :]
+        return None

@@ -1,0 +1,104 @@
+"""Server lifecycle, top to bottom: start the app, listen, wait for a signal, drain, stop.
+
+On SIGTERM or SIGINT: readiness fails at once, the listening socket closes (no new
+connections), idle keep-alive connections close, in-flight requests get ``server.shutdown_grace``
+seconds to finish, then the app's resources close and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from types import TracebackType
+
+from aiohttp import web
+
+from .app import LIFECYCLE, create_app, dispatcher
+from .config import Settings
+from .listener import build_server
+
+log = logging.getLogger("sparks_proxy.server")
+
+
+class Proxy:
+    """One running proxy: its app, its listener and their lifetimes.
+
+    ``async with Proxy(settings) as proxy:`` serves on ``proxy.url`` until the block ends.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.app = create_app(settings)
+        self._runner: web.ServerRunner | None = None
+        self._started_app = False
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use, e.g. ``http://127.0.0.1:8080``."""
+        host = self.settings.server.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Start the app's resources, then listen."""
+        # As aiohttp's AppRunner does: startup may still set state, then everything freezes.
+        self.app.on_startup.freeze()
+        self._started_app = True
+        await self.app.startup()
+        self.app.freeze()
+        server = build_server(dispatcher(self.app), self.settings.server)
+        self._runner = web.ServerRunner(
+            server, handle_signals=False, shutdown_timeout=self.settings.server.shutdown_grace
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.server.host, self.settings.server.port)
+        await site.start()
+        sockets = self._runner.addresses
+        self.port = sockets[0][1] if sockets else self.settings.server.port
+        log.info("listening on %s, forwarding to %s", self.url, self.settings.upstream.url)
+
+    async def stop(self) -> None:
+        """Fail readiness, stop accepting, let in-flight requests finish, close resources."""
+        self.app[LIFECYCLE].draining = True
+        if self._runner is not None:
+            log.info(
+                "shutting down: waiting up to %.0f s for in-flight requests",
+                self.settings.server.shutdown_grace,
+            )
+            await self._runner.cleanup()
+            self._runner = None
+        if self._started_app:
+            await self.app.cleanup()
+            self._started_app = False
+
+    async def __aenter__(self) -> Proxy:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def run(settings: Settings, on_ready: Callable[[Proxy], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Proxy(settings) as proxy:
+        if on_ready is not None:
+            on_ready(proxy)
+        await stop.wait()
+        log.info("signal received")

@@ -1,0 +1,236 @@
+"""TokenManager: holds a valid token and keeps it fresh, so no request waits on the issuer.
+
+- The token lives in a cachetools ``TLRUCache`` on the monotonic clock, keyed by the credential
+  identity; an expired token cannot be read back out of it, so it is never sent.
+- Single flight: however many requests find the cache empty, one token request is made and they
+  all await it (shielded, so a client hanging up cannot cancel it for the others).
+- A background task refreshes ``refresh_margin`` seconds (default: min(300 s, lifetime / 10),
+  with a little jitter) before expiry, so the current token serves while its successor is fetched.
+- Failures back off exponentially with jitter, capped at ``auth.max_backoff``; a server's
+  ``Retry-After`` is honoured; bad-credential errors wait the full cap instead of hammering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+
+from cachetools import TLRUCache
+
+from .config import AuthSettings
+from .errors import TokenError, TokenUnavailable
+from .metrics import Metrics
+from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
+from .token_store import TokenStore
+
+log = logging.getLogger("sparks_proxy.tokens")
+
+BACKOFF_BASE = 1.0
+MAX_RETRY_AFTER = 3600.0
+MAX_REFRESH_MARGIN = 300.0
+# A token the upstream rejects within this long of being issued is not replaced at once: the
+# upstream is refusing fresh tokens, and fetching more would only burn the issuer's quota.
+MIN_AGE_BEFORE_REPLACE = 1.0
+
+
+def _expiry(_key: object, token: Token, _now: float) -> float:
+    return token.expires_at
+
+
+class TokenManager:
+    """Owns the token for one credential: fetch, cache, single flight, refresh, invalidate."""
+
+    def __init__(
+        self,
+        auth: AuthSettings,
+        endpoint: TokenEndpoint,
+        *,
+        store: TokenStore | None = None,
+        metrics: Metrics | None = None,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self._auth = auth
+        self._endpoint = endpoint
+        self._store = store
+        self._metrics = metrics
+        self._jitter = jitter
+        self._key = CredentialIdentity.of(auth)
+        self._cache: TLRUCache[CredentialIdentity, Token] = TLRUCache(
+            maxsize=1, ttu=_expiry, timer=time.monotonic
+        )
+        self._inflight: asyncio.Task[Token] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._refresh_at = 0.0
+        self._obtained_at = 0.0
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error: TokenError | None = None
+        """The most recent token failure, until a token is obtained again."""
+        if metrics is not None:
+            metrics.watch_token(self._remaining)
+
+    # -- the request path -------------------------------------------------------------------
+
+    def current(self) -> Token | None:
+        """The held token while it is valid, else None. Never waits."""
+        return self._cache.get(self._key)
+
+    async def get(self) -> Token:
+        """A valid token: the held one, or the result of the (single) fetch in flight.
+
+        Raises :class:`TokenUnavailable` (503) with a Retry-After when none can be had now.
+        """
+        token = self._cache.get(self._key)
+        if token is not None:
+            return token
+        return await self._fetch_shared()
+
+    def invalidate(self, token: Token) -> bool:
+        """Drop ``token`` after the upstream rejected it; True if a new one should be fetched.
+
+        Only the held token is dropped: a request that raced a refresh must not evict the
+        fresh token. A token rejected right after it was issued is kept (see module docs).
+        """
+        if self._cache.get(self._key) is not token:
+            return True
+        if time.monotonic() - self._obtained_at < MIN_AGE_BEFORE_REPLACE:
+            log.warning(
+                "upstream rejected a token issued under %.0f s ago; not replacing it yet",
+                MIN_AGE_BEFORE_REPLACE,
+            )
+            return False
+        log.info("upstream rejected the held token (401); fetching a new one")
+        self._cache.pop(self._key, None)
+        self._wake.set()
+        return True
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load a persisted token if one is still good, then start the background refresher.
+
+        The first fetch starts at once, so readiness does not wait for traffic; it does not
+        block start-up, so health checks answer while the issuer is slow or down.
+        """
+        if self._store is not None:
+            stored = await asyncio.to_thread(self._store.load)
+            if stored is not None:
+                log.info("reusing the persisted token (expires in %.0f s)", stored.remaining())
+                self._hold(stored)
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="token-refresher")
+
+    async def close(self) -> None:
+        """Stop the refresher and any fetch in flight."""
+        for task in (self._refresher, self._inflight):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, TokenError):
+                    await task
+
+    def retry_after(self) -> float:
+        """Seconds until the next token request is allowed (0 if it may go now)."""
+        return max(0.0, self._retry_at - time.monotonic())
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _remaining(self) -> float:
+        token = self.current()
+        return max(0.0, token.remaining()) if token is not None else 0.0
+
+    def _margin(self, token: Token) -> float:
+        configured = self._auth.refresh_margin
+        margin = configured if configured > 0 else min(MAX_REFRESH_MARGIN, token.lifetime / 10)
+        # Never so large that a token is replaced as soon as it arrives.
+        return min(margin, token.lifetime / 2)
+
+    def _hold(self, token: Token) -> None:
+        self._cache[self._key] = token
+        self._obtained_at = time.monotonic()
+        margin = self._margin(token)
+        # Jitter spreads the refreshes of many replicas; it only ever refreshes a little earlier.
+        self._refresh_at = token.expires_at - margin - 0.1 * margin * self._jitter()
+        self._wake.set()
+
+    async def _fetch_shared(self) -> Token:
+        if self._inflight is None:
+            wait = self.retry_after()
+            if wait > 0:
+                raise self._unavailable(wait)
+            self._inflight = asyncio.create_task(self._fetch(), name="token-fetch")
+        try:
+            return await asyncio.shield(self._inflight)
+        except TokenError:
+            raise self._unavailable(self.retry_after()) from None
+
+    def _unavailable(self, wait: float) -> TokenUnavailable:
+        error = self.last_error
+        detail = (
+            f"no valid token: {error.detail}" if error is not None else "no valid token yet"
+        ) + "; the proxy keeps retrying, try again after Retry-After"
+        return TokenUnavailable(detail, retry_after=max(wait, 1.0))
+
+    async def _fetch(self) -> Token:
+        try:
+            token = await self._endpoint.fetch()
+        except TokenError as error:
+            self._note_failure(error)
+            raise
+        finally:
+            self._inflight = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self.last_error = None
+        self._hold(token)
+        if self._metrics is not None:
+            self._metrics.token_requests.labels("ok").inc()
+        log.info(
+            "obtained a token (expires in %.0f s, scope %r)", token.lifetime, token.scope or "-"
+        )
+        if self._store is not None:
+            try:
+                await asyncio.to_thread(self._store.save, token)
+            except OSError as exc:
+                log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
+        return token
+
+    def _note_failure(self, error: TokenError) -> None:
+        self._failures += 1
+        self.last_error = error
+        cap = self._auth.max_backoff
+        if error.permanent:
+            delay = cap
+        else:
+            delay = min(cap, BACKOFF_BASE * 2 ** (self._failures - 1))
+            delay *= 0.5 + 0.5 * self._jitter()
+        if error.retry_after is not None:
+            delay = max(delay, min(error.retry_after, MAX_RETRY_AFTER))
+        self._retry_at = time.monotonic() + delay
+        if self._metrics is not None:
+            self._metrics.token_requests.labels(error.code).inc()
+        held = self.current()
+        log.warning(
+            "token request failed (%s); next attempt in %.1f s; %s",
+            error.detail,
+            delay,
+            f"still serving the held token for {held.remaining():.0f} s"
+            if held is not None
+            else "no valid token held",
+        )
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = self._refresh_at if self.current() is not None else now
+            due = max(due, self._retry_at)
+            if due > now:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), due - now)
+                continue
+            with contextlib.suppress(TokenUnavailable):
+                await self._fetch_shared()
