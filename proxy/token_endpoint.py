@@ -28,7 +28,7 @@ from .errors import TokenError
 log = logging.getLogger("sparks_proxy.tokens")
 
 DEFAULT_LIFETIME = 3600.0
-MIN_LIFETIME = 10.0
+MIN_LIFETIME = 2.0
 MAX_LIFETIME = 30 * 86400.0  # the vendor documents 30-day tokens
 MAX_ANSWER_BYTES = 64 * 1024
 
@@ -211,16 +211,21 @@ def _parse(
 
 
 def _lifetime(expires_in: Any, value: str) -> float:
-    """Seconds the token is good for: ``expires_in``, else the JWT ``exp``, else a default."""
+    """Seconds the token is good for: ``expires_in``, else the JWT ``exp``, else a default.
+
+    A zero or negative ``expires_in`` is treated as absent rather than clamped up to the
+    minimum: refetching every few seconds would burn the issuer's quota, while a token that
+    really is short-lived is replaced after its first 401 anyway.
+    """
     seconds: float | None = None
     if isinstance(expires_in, (int, float)) and not isinstance(expires_in, bool):
         seconds = float(expires_in)
     elif isinstance(expires_in, str):
-        try:
+        with contextlib.suppress(ValueError):
             seconds = float(expires_in)
-        except ValueError:
-            seconds = None
-    if seconds is None or seconds != seconds:  # missing, unparsable or NaN
+    if seconds is None or not seconds > 0:  # absent, unparsable, NaN, zero or negative
+        if seconds is not None:
+            log.warning("token endpoint sent expires_in=%r; ignoring it", expires_in)
         exp = _jwt_exp(value)
         seconds = exp - time.time() if exp is not None else DEFAULT_LIFETIME
     clamped = min(max(seconds, MIN_LIFETIME), MAX_LIFETIME)
