@@ -317,7 +317,7 @@ def validate(settings: Settings) -> Settings:
         ("upstream.ca_file", settings.upstream.ca_file),
         ("auth.client_secret_file", settings.auth.client_secret_file),
     ):
-        if file and not os.access(file, os.R_OK):
+        if file and not (os.path.isfile(file) and os.access(file, os.R_OK)):
             raise ConfigError(f"{name}: cannot read {file!r}; expected a readable file")
     if settings.auth.client_secret and settings.auth.client_secret_file:
         raise ConfigError(

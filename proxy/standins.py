@@ -107,6 +107,7 @@ class StandInTokenServer(_LoopbackServer):
         self.failures: list[str] = []
         self.fail_always: str | None = None
         self.retry_after = 2
+        self.redirect_to = "http://127.0.0.1:9/steal"
         self.requests: list[TokenRequest] = []
         self.issued: list[str] = []
         self._serial = itertools.count(1)
@@ -181,7 +182,7 @@ class StandInTokenServer(_LoopbackServer):
                 status=401,
             )
         if failure == "redirect":
-            return web.Response(status=307, headers={"Location": "http://127.0.0.1:9/steal"})
+            return web.Response(status=307, headers={"Location": self.redirect_to})
         if failure == "reset":
             assert request.transport is not None
             request.transport.abort()
@@ -229,13 +230,15 @@ class StandInUpstream(_LoopbackServer):
     - ``/gzip``: a gzip-encoded body with ``Content-Encoding: gzip``;
     - ``/slow/<seconds>``: wait, then echo.
 
-    A request whose token is in ``rejected_tokens`` gets 401, like a revoked token would.
+    A request whose token is in ``rejected_tokens`` gets 401, like a revoked token would;
+    with ``reject_all`` every request does, like an API that refuses the credential outright.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.received: list[Received] = []
         self.rejected_tokens: set[str] = set()
+        self.reject_all = False
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=1 << 40)
@@ -257,7 +260,7 @@ class StandInUpstream(_LoopbackServer):
         )
         self.received.append(seen)
         auth = request.headers.get("Authorization", "")
-        if auth.removeprefix("Bearer ") in self.rejected_tokens:
+        if self.reject_all or auth.removeprefix("Bearer ") in self.rejected_tokens:
             return web.json_response(
                 {"error": "invalid_token"},
                 status=401,

@@ -1,28 +1,24 @@
-"""Shared fixtures: stand-in servers on loopback and the proxy as it ships in front of them."""
+"""Shared fixtures: stand-in servers on loopback and the proxy as it ships in front of them.
+
+Every test's log output, at every level and from every logger, is captured and checked at the
+end for the demo secret and every token the stand-in token server issued: none may appear.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import pytest
 
-from proxy import config
-from proxy.app import TOKENS
-from proxy.config import AuthSettings, Secret, ServerSettings, Settings, UpstreamSettings
 from proxy.server import Proxy
-from proxy.standins import (
-    DEMO_CLIENT_ID,
-    DEMO_CLIENT_SECRET,
-    StandInTokenServer,
-    StandInUpstream,
-)
+from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
+
+from .support import LogCapture, ProxyFactory, make_settings, wait_ready
 
 
 @pytest.fixture(autouse=True)
@@ -39,9 +35,10 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-async def token_server() -> AsyncIterator[StandInTokenServer]:
+async def token_server(logs: LogCapture) -> AsyncIterator[StandInTokenServer]:
     """A stand-in token endpoint issuing one-hour tokens to demo-client/demo-secret."""
     async with StandInTokenServer() as server:
+        logs.watch(server.issued)
         yield server
 
 
@@ -50,29 +47,6 @@ async def upstream() -> AsyncIterator[StandInUpstream]:
     """A stand-in Sparks API that echoes and records what it receives."""
     async with StandInUpstream() as server:
         yield server
-
-
-def make_settings(
-    token_server: StandInTokenServer, upstream: StandInUpstream, **sections: dict[str, Any]
-) -> Settings:
-    """Validated settings pointing at the stand-ins; ``sections`` override single keys."""
-    base = Settings(
-        server=ServerSettings(port=0),
-        upstream=UpstreamSettings(url=upstream.url),
-        auth=AuthSettings(
-            token_url=token_server.token_url,
-            client_id=DEMO_CLIENT_ID,
-            client_secret=Secret(DEMO_CLIENT_SECRET),
-        ),
-    )
-    for name, values in sections.items():
-        base = dataclasses.replace(
-            base, **{name: dataclasses.replace(getattr(base, name), **values)}
-        )
-    return config.validate(base)
-
-
-ProxyFactory = Callable[..., AbstractAsyncContextManager[Proxy]]
 
 
 @pytest.fixture
@@ -102,42 +76,19 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (bounded) until ``predicate()`` is true, polling every 10 ms."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
-
-
-async def wait_ready(proxy: Proxy, timeout: float = 5.0) -> None:
-    """Wait (bounded) until the proxy holds a token."""
-    tokens = proxy.app[TOKENS]
-    await wait_for(lambda: tokens.current() is not None, timeout)
-
-
-class LogCapture(logging.Handler):
-    """Collects every formatted log line at every level (tests scan them for secrets)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def logs() -> Iterator[LogCapture]:
-    """Every log line (all loggers, DEBUG and up) written during the test."""
+    """Every log line written during the test; afterwards, none may hold a secret or token."""
     handler = LogCapture()
     root = logging.getLogger()
     old_level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
-    yield handler
-    root.removeHandler(handler)
-    root.setLevel(old_level)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    text = handler.text()
+    leaked = [s for s in [DEMO_CLIENT_SECRET, *handler.watched()] if s in text]
+    assert not leaked, "a secret or token appeared in the logs"

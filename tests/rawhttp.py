@@ -62,9 +62,7 @@ async def read_body(
     return b"", "none"
 
 
-async def read_response(
-    reader: asyncio.StreamReader, *, method: str = "GET"
-) -> RawResponse:
+async def read_response(reader: asyncio.StreamReader, *, method: str = "GET") -> RawResponse:
     """One response; reads to EOF when it is framed by connection close."""
     head = await read_head(reader)
     start, headers = parse_headers(head)

@@ -1,0 +1,79 @@
+"""Helpers shared by the tests: settings for the stand-ins, bounded waits, log capture."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from proxy import config
+from proxy.app import TOKENS
+from proxy.config import AuthSettings, Secret, ServerSettings, Settings, UpstreamSettings
+from proxy.server import Proxy
+from proxy.standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
+
+
+def make_settings(
+    token_source: StandInTokenServer, upstream_server: StandInUpstream, **sections: dict[str, Any]
+) -> Settings:
+    """Validated settings pointing at the stand-ins; ``sections`` override single keys."""
+    base = Settings(
+        server=ServerSettings(port=0),
+        upstream=UpstreamSettings(url=upstream_server.url),
+        auth=AuthSettings(
+            token_url=token_source.token_url,
+            client_id=DEMO_CLIENT_ID,
+            client_secret=Secret(DEMO_CLIENT_SECRET),
+        ),
+    )
+    for name, values in sections.items():
+        base = dataclasses.replace(
+            base, **{name: dataclasses.replace(getattr(base, name), **values)}
+        )
+    return config.validate(base)
+
+
+ProxyFactory = Callable[..., AbstractAsyncContextManager[Proxy]]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (bounded) until ``predicate()`` is true, polling every 10 ms."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def wait_ready(proxy: Proxy, timeout: float = 5.0) -> None:
+    """Wait (bounded) until the proxy holds a token."""
+    tokens = proxy.app[TOKENS]
+    await wait_for(lambda: tokens.current() is not None, timeout)
+
+
+class LogCapture(logging.Handler):
+    """Collects every formatted log line at every level (tests scan them for secrets)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._watched: list[list[str]] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def watch(self, values: list[str]) -> None:
+        """Treat every string in ``values`` (now or later) as a secret the logs must not show."""
+        self._watched.append(values)
+
+    def watched(self) -> list[str]:
+        """Every watched secret."""
+        return [value for values in self._watched for value in values]
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+ProxyFactory = Callable[..., AbstractAsyncContextManager[Proxy]]

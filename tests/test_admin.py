@@ -1,0 +1,143 @@
+"""The reserved /-/ paths: health, readiness, metrics and the SDK token endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from proxy.admin import PLACEHOLDER_TOKEN
+from proxy.errors import ERROR_HEADER
+from proxy.server import Proxy
+from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
+
+from .rawhttp import exchange
+from .support import ProxyFactory, wait_for
+
+
+async def test_healthz_answers_while_the_process_serves(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """Liveness does not depend on the token: 200 even while no token can be had."""
+    token_server.fail_always = "500"
+    async with start_proxy() as proxy, client.get(proxy.url + "/-/healthz") as response:
+        assert response.status == 200
+        assert await response.json() == {"status": "ok"}
+
+
+async def test_readyz_follows_the_token(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """503 with the reason while no token is held, 200 once one is."""
+    token_server.failures = ["500"]
+    async with start_proxy() as proxy:
+        await wait_for(lambda: len(token_server.requests) == 1)
+        async with client.get(proxy.url + "/-/readyz") as response:
+            before = (response.status, await response.json())
+        await wait_for(lambda: len(token_server.issued) == 1, timeout=5)
+        async with client.get(proxy.url + "/-/readyz") as response:
+            after = (response.status, await response.json())
+    assert before[0] == 503
+    assert before[1]["checks"]["token"]["ok"] is False
+    assert before[1]["checks"]["token"]["error"] == "server_error"
+    assert after[0] == 200
+    assert after[1]["checks"]["token"]["expires_in"] > 3500
+
+
+async def test_admin_paths_are_never_forwarded(
+    proxy: Proxy, upstream: StandInUpstream, client: aiohttp.ClientSession
+) -> None:
+    """Reserved paths, known or not, stay in the proxy; unknown ones are a JSON 404."""
+    for path in ("/-/healthz", "/-/readyz", "/-/metrics", "/-/nope", "/-/healthz?x=1"):
+        async with client.get(proxy.url + path) as response:
+            if path == "/-/nope":
+                assert response.status == 404
+                assert response.headers[ERROR_HEADER] == "not_found"
+                assert "/-/healthz" in (await response.json())["detail"]
+    assert upstream.received == []
+
+
+async def test_wrong_method_on_an_admin_path_is_405(
+    proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    """POST /-/healthz is a JSON 405; GET /-/oauth/token likewise."""
+    async with client.post(proxy.url + "/-/healthz") as response:
+        assert response.status == 405
+        assert (await response.json())["error"] == "method_not_allowed"
+    async with client.get(proxy.url + "/-/oauth/token") as response:
+        assert response.status == 405
+
+
+async def test_metrics_count_requests_and_tokens_without_secrets(
+    proxy: Proxy, token_server: StandInTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """Prometheus text with request, error and token counters; no token or secret inside."""
+    for path in ("/a", "/status/404", "/b"):
+        async with client.get(proxy.url + path) as response:
+            await response.read()
+    async with client.get(proxy.url + "/-/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+    assert 'sparks_proxy_requests_total{code="200",method="GET"} 2.0' in text
+    assert 'sparks_proxy_requests_total{code="404",method="GET"} 1.0' in text
+    assert 'sparks_proxy_token_requests_total{result="ok"} 1.0' in text
+    expiry = next(
+        line for line in text.splitlines() if line.startswith("sparks_proxy_token_expiry_seconds")
+    )
+    assert 3500 < float(expiry.split()[1]) <= 3600
+    assert token_server.issued[0] not in text
+    assert DEMO_CLIENT_SECRET not in text
+
+
+async def test_unusual_methods_get_a_bounded_metrics_label(
+    proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    """Methods outside the standard set count as OTHER: labels stay bounded."""
+    await exchange(proxy.port, b"PROPFIND /x HTTP/1.1\r\nHost: p\r\n\r\n")
+    text = ""
+    for _ in range(50):  # the count lands just after the answer is written
+        async with client.get(proxy.url + "/-/metrics") as response:
+            text = await response.text()
+        if 'method="OTHER"' in text:
+            break
+        await asyncio.sleep(0.01)
+    assert 'method="OTHER"' in text
+    assert "PROPFIND" not in text
+
+
+@pytest.mark.parametrize("form", [True, False])
+async def test_sdk_token_endpoint_issues_an_inert_placeholder(
+    proxy: Proxy, token_server: StandInTokenServer, client: aiohttp.ClientSession, form: bool
+) -> None:
+    """Any client-credentials request gets the placeholder, never the real token."""
+    fields = {
+        "client_id": "anything",
+        "client_secret": "anything",
+        "audience": proxy.url,
+        "grant_type": "client_credentials",
+    }
+    kwargs = {"data": fields} if form else {"json": fields}
+    async with client.post(proxy.url + "/-/oauth/token", **kwargs) as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["access_token"] == PLACEHOLDER_TOKEN
+    assert body["token_type"] == "Bearer"
+    assert body["expires_in"] > 0
+    assert token_server.issued[0] not in json.dumps(body)
+    assert len(token_server.requests) == 1
+
+
+async def test_sdk_token_endpoint_rejects_other_grants(
+    proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    """Other grants (or garbage) get a JSON 400 that says what is supported."""
+    async with client.post(proxy.url + "/-/oauth/token", data=b"not json") as response:
+        assert response.status == 400
+        assert "client_credentials" in (await response.json())["detail"]
+    async with client.post(
+        proxy.url + "/-/oauth/token", json={"grant_type": "password"}
+    ) as response:
+        assert response.status == 400

@@ -1,0 +1,363 @@
+"""Token handling through real sockets: single flight, refresh, backoff, persistence, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from proxy.app import TOKENS
+from proxy.config import Secret
+from proxy.errors import ERROR_HEADER, TokenError
+from proxy.server import Proxy
+from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
+from proxy.token_endpoint import _lifetime, _parse
+
+from .rawhttp import RawUpstream, exchange
+from .support import ProxyFactory, make_settings, wait_for, wait_ready
+
+GET = b"GET /projects HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
+
+
+async def test_first_token_is_fetched_at_start_up(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """Readiness turns 200 without any traffic: the token is fetched when the proxy starts."""
+    async with start_proxy() as proxy:
+        await wait_for(lambda: len(token_server.issued) == 1)
+        async with client.get(proxy.url + "/-/readyz") as response:
+            assert response.status == 200
+            assert (await response.json())["checks"]["token"]["ok"] is True
+
+
+async def test_cold_burst_costs_exactly_one_token_request(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    """200 concurrent requests on a cold cache share one token request, and all succeed."""
+    token_server.delay = 0.3
+    async with start_proxy() as proxy:
+        responses = await asyncio.gather(
+            *(client.get(proxy.url + f"/burst/{i}") for i in range(200))
+        )
+        statuses = [r.status for r in responses]
+        for r in responses:
+            r.release()
+    assert statuses == [200] * 200
+    assert len(token_server.requests) == 1
+    assert {r.header("Authorization")[0] for r in upstream.received} == {
+        f"Bearer {token_server.issued[0]}"
+    }
+
+
+async def test_refresh_happens_before_expiry_without_making_requests_wait(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+) -> None:
+    """With 3-second tokens, a new one arrives ahead of expiry; one token per lifetime."""
+    token_server.expires_in = 3
+    token_server.delay = 0.2  # a refresh that made requests wait would show in their latency
+    async with start_proxy() as proxy:
+        await wait_ready(proxy)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        slowest = 0.0
+        while loop.time() - started < 4.0:
+            t0 = loop.time()
+            response = await exchange(proxy.port, GET)
+            slowest = max(slowest, loop.time() - t0)
+            assert response.status == 200
+            await asyncio.sleep(0.02)
+    # Lifetime 3 s, margin 0.3 s: tokens at ~0 s and ~2.7 s over 4.2 s, not one per request.
+    assert len(token_server.issued) == 2
+    assert slowest < 0.15
+    used = [r.header("Authorization")[0] for r in upstream.received]
+    assert used[0] == f"Bearer {token_server.issued[0]}"
+    assert used[-1] == f"Bearer {token_server.issued[1]}"
+
+
+async def test_failing_token_endpoint_backs_off_and_answers_503(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    """No token: requests get 503 JSON with Retry-After, the endpoint is not hammered."""
+    token_server.fail_always = "500"
+    async with start_proxy() as proxy:
+        await wait_for(lambda: len(token_server.requests) >= 1)
+        answers = []
+        for _ in range(30):
+            async with client.get(proxy.url + "/x") as response:
+                answers.append((response.status, response.headers.get("Retry-After")))
+                body = await response.json()
+            await asyncio.sleep(0.05)
+        async with client.get(proxy.url + "/-/readyz") as ready:
+            readiness = await ready.json()
+            assert ready.status == 503
+    assert {status for status, _ in answers} == {503}
+    assert all(retry and int(retry) >= 1 for _, retry in answers)
+    assert body["error"] == "token_unavailable"
+    assert "500" in body["detail"]
+    assert readiness["checks"]["token"]["error"] == "server_error"
+    # 1.5 s of traffic: attempts at 0 s, then after backoffs of 0.5-1 s and 1-2 s.
+    assert 1 <= len(token_server.requests) <= 3
+    assert upstream.received == []
+
+
+async def test_held_token_keeps_serving_while_the_endpoint_fails(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+) -> None:
+    """Refresh failures do not touch requests while the held token is valid; never expired."""
+    token_server.expires_in = 2
+    async with start_proxy() as proxy:
+        await wait_ready(proxy)
+        token = proxy.app[TOKENS].current()
+        assert token is not None
+        token_server.fail_always = "reset"
+        statuses = []
+        while token.remaining() > 0.05:
+            statuses.append((await exchange(proxy.port, GET)).status)
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+        after = await exchange(proxy.port, GET)
+    assert set(statuses) == {200}
+    assert len(token_server.requests) >= 2  # the refresh was tried
+    assert after.status == 503
+    assert after.header(ERROR_HEADER) == ["token_unavailable"]
+    # Every forwarded request carried the one valid token.
+    assert {r.header("Authorization")[0] for r in upstream.received} == {
+        f"Bearer {token_server.issued[0]}"
+    }
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        ("500", "server_error"),
+        ("html", "bad_token_response"),
+        ("empty", "bad_token_response"),
+        ("no_token", "bad_token_response"),
+        ("mac_token", "bad_token_response"),
+        ("reset", "token_endpoint_unreachable"),
+        ("redirect", "token_redirect"),
+        ("invalid_client", "invalid_client"),
+    ],
+)
+async def test_token_endpoint_failures_are_named(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    client: aiohttp.ClientSession,
+    failure: str,
+    code: str,
+) -> None:
+    """Each kind of token endpoint failure shows up by name in readiness, without secrets."""
+    token_server.fail_always = failure
+    async with start_proxy() as proxy:
+        await wait_for(lambda: len(token_server.requests) >= 1)
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+        async with client.get(proxy.url + "/-/readyz") as response:
+            text = await response.text()
+        async with client.get(proxy.url + "/x") as forwarded:
+            forwarded_text = await forwarded.text()
+    assert json.loads(text)["checks"]["token"]["error"] == code
+    assert DEMO_CLIENT_SECRET not in text + forwarded_text
+    assert forwarded.status == 503
+
+
+async def test_token_redirect_is_never_followed(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer
+) -> None:
+    """A 3xx from the token endpoint does not carry the secret anywhere else."""
+    async with RawUpstream() as elsewhere:
+        token_server.fail_always = "redirect"
+        token_server.redirect_to = elsewhere.url + "/steal"
+        async with start_proxy() as proxy:
+            await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+    assert elsewhere.connections == 0
+
+
+async def test_invalid_client_is_not_hammered(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """Bad credentials wait the full backoff cap; the error code reaches the client."""
+    token_server.fail_always = "invalid_client"
+    async with start_proxy(auth={"max_backoff": 30.0}) as proxy:
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+        for _ in range(20):
+            async with client.get(proxy.url + "/x") as response:
+                body = await response.json()
+                assert response.status == 503
+                assert int(response.headers["Retry-After"]) > 20
+    assert len(token_server.requests) == 1
+    assert "invalid_client" in body["detail"]
+
+
+async def test_429_retry_after_is_honoured(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer
+) -> None:
+    """After a 429 with Retry-After: 2, the next attempt waits at least 2 seconds."""
+    token_server.failures = ["429"]
+    token_server.retry_after = 2
+    async with start_proxy() as proxy:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await wait_ready(proxy, timeout=5)
+        waited = loop.time() - started
+    assert len(token_server.requests) == 2
+    assert waited >= 2.0
+
+
+async def test_secret_file_is_reread_so_rotation_needs_no_restart(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: os.PathLike[str]
+) -> None:
+    """A Kubernetes Secret rotated on disk is picked up at the next token request."""
+    secret_file = os.path.join(tmp_path, "client-secret")
+    with open(secret_file, "w") as fh:
+        fh.write("old-demo-secret\n")
+    settings = make_settings(
+        token_server,
+        upstream,
+        auth={"client_secret": Secret(""), "client_secret_file": secret_file, "max_backoff": 1.0},
+    )
+    async with Proxy(settings) as proxy:
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+        assert proxy.app[TOKENS].current() is None
+        with open(secret_file, "w") as fh:
+            fh.write(DEMO_CLIENT_SECRET + "\n")  # trailing newline, as Secrets often have
+        await wait_ready(proxy, timeout=3)
+    assert [r.fields.get("client_secret") for r in token_server.requests][-1] == DEMO_CLIENT_SECRET
+
+
+async def test_token_cache_file_survives_a_restart(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: os.PathLike[str]
+) -> None:
+    """A restart reuses the persisted token: no new token, file mode 0600, no secret in it."""
+    cache = os.path.join(tmp_path, "tokens.json")
+    settings = make_settings(token_server, upstream, auth={"token_cache_file": cache})
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy)
+        await wait_for(lambda: os.path.exists(cache))
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy, timeout=1)
+        response = await exchange(proxy.port, GET)
+    assert response.status == 200
+    assert len(token_server.issued) == 1
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o600
+    content = Path(cache).read_text()
+    assert DEMO_CLIENT_SECRET not in content
+    assert upstream.received[-1].header("Authorization") == [f"Bearer {token_server.issued[0]}"]
+
+
+async def test_token_cache_file_is_keyed_by_credential(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: os.PathLike[str]
+) -> None:
+    """A different audience does not reuse another credential's persisted token."""
+    cache = os.path.join(tmp_path, "tokens.json")
+    first = make_settings(token_server, upstream, auth={"token_cache_file": cache})
+    second = make_settings(
+        token_server, upstream, auth={"token_cache_file": cache, "audience": "https://other"}
+    )
+    async with Proxy(first) as proxy:
+        await wait_ready(proxy)
+        await wait_for(lambda: os.path.exists(cache))
+    async with Proxy(second) as proxy:
+        await wait_ready(proxy)
+    assert len(token_server.issued) == 2
+    assert len(json.loads(Path(cache).read_text())) == 2
+
+
+@pytest.mark.parametrize(
+    ("request_format", "client_auth"),
+    [("json", "post"), ("form", "post"), ("json", "basic"), ("form", "basic")],
+)
+async def test_token_request_formats(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    request_format: str,
+    client_auth: str,
+) -> None:
+    """JSON (the vendor's docs) or form (RFC 6749) bodies; credentials in body or Basic."""
+    async with start_proxy(
+        auth={"request_format": request_format, "client_auth": client_auth, "scope": ""}
+    ) as proxy:
+        await wait_ready(proxy)
+    seen = token_server.requests[0]
+    expected_type = (
+        "application/json" if request_format == "json" else ("application/x-www-form-urlencoded")
+    )
+    assert seen.content_type == expected_type
+    assert seen.fields["grant_type"] == "client_credentials"
+    assert seen.fields["audience"] == "https://api.logicdrop.io"
+    assert "scope" not in seen.fields
+    if client_auth == "basic":
+        assert seen.basic == ("demo-client", DEMO_CLIENT_SECRET)
+        assert "client_secret" not in seen.fields
+    else:
+        assert seen.basic is None
+        assert seen.fields["client_id"] == "demo-client"
+        assert seen.fields["client_secret"] == DEMO_CLIENT_SECRET
+
+
+async def test_scope_is_sent_when_configured(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer
+) -> None:
+    """A configured scope is part of the token request."""
+    async with start_proxy(auth={"scope": "data core"}) as proxy:
+        await wait_ready(proxy)
+    assert token_server.requests[0].fields["scope"] == "data core"
+
+
+def _jwt(exp: float) -> str:
+    def part(doc: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'none'})}.{part({'exp': exp})}.sig"
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "token", "expected"),
+    [
+        (3600, "opaque", 3600),
+        ("3600", "opaque", 3600),
+        (None, "opaque", 3600),  # absent: the default
+        (0, "opaque", 3600),  # zero and negative are treated as absent, not clamped up
+        (-5, "opaque", 3600),
+        (10**9, "opaque", 30 * 86400),  # absurdly long: clamped
+        (0.5, "opaque", 2),  # absurdly short: clamped
+        (None, "jwt+600", 600),  # absent: the JWT exp claim
+    ],
+)
+def test_lifetime_rules(expires_in: object, token: str, expected: float) -> None:
+    """expires_in, else the JWT exp claim, else 3600 s; clamped to [2 s, 30 days]."""
+    value = _jwt(time.time() + 600) if token == "jwt+600" else token
+    assert _lifetime(expires_in, value) == pytest.approx(expected, abs=2)
+
+
+def test_token_error_text_never_holds_the_secret() -> None:
+    """An error description that quotes the secret is redacted before anyone sees it."""
+    with pytest.raises(TokenError) as caught:
+        _parse(
+            401,
+            {},
+            json.dumps(
+                {"error": "invalid_client", "error_description": f"bad {DEMO_CLIENT_SECRET}!"}
+            ).encode(),
+            0.0,
+            "",
+            DEMO_CLIENT_SECRET,
+        )
+    assert DEMO_CLIENT_SECRET not in str(caught.value)
+    assert caught.value.permanent
