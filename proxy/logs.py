@@ -15,7 +15,7 @@ from typing import Any
 
 from .config import LogSettings
 
-_RESERVED = set(vars(logging.makeLogRecord({})))
+_RESERVED = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -48,12 +48,16 @@ class TextFormatter(logging.Formatter):
         return f"({ei[0].__name__})" if ei and ei[0] else ""
 
 
-def configure(settings: LogSettings, stream: Any = None) -> None:
-    """Route the proxy's loggers to ``stream`` (stderr) in the configured format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+class _ProxyHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`configure` installs (and replaces when called again)."""
+
+
+def configure(settings: LogSettings, stream: Any = None) -> logging.Handler:
+    """Route log records to ``stream`` (stderr) in the configured format; return the handler."""
+    handler = _ProxyHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if settings.format == "json" else TextFormatter())
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _ProxyHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
@@ -61,3 +65,4 @@ def configure(settings: LogSettings, stream: Any = None) -> None:
     for name in ("aiohttp.access", "aiohttp.server", "aiohttp.web"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("sparks_proxy.access").disabled = not settings.access
+    return handler
