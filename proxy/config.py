@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -154,6 +155,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "log.format": ("json", "text"),
 }
 
+# Names Kubernetes injects for Services ("docker links" style), never settings of ours.
+_SERVICE_LINK = re.compile(
+    r"_SERVICE_HOST$|_SERVICE_PORT(_\w+)?$|_PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?$"
+)
+
 # Keys whose value may be zero; every other number must be positive.
 _ZERO_ALLOWED = {"server.port", "server.max_body_size", "auth.refresh_margin"}
 
@@ -271,13 +277,17 @@ def load(
         values[section] = chosen
 
     # Environment names in a known section must be known keys: a typo should not pass silently.
-    # Other SPARKS_PROXY_* names (e.g. Kubernetes service links) are left alone.
+    # Other SPARKS_PROXY_* names, and Kubernetes service links (a Service named
+    # "sparks-proxy-auth" injects SPARKS_PROXY_AUTH_SERVICE_HOST), are left alone.
     for name in environ:
         if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
             continue
-        rest = name[len(ENV_PREFIX) :].lower()
-        section, _, key = rest.partition("_")
-        if section in SECTIONS and key not in _field_types(SECTIONS[section]):
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in SECTIONS or _SERVICE_LINK.search(name):
+            continue
+        if name != name.upper():
+            raise ConfigError(f"{name}: environment names are upper case, e.g. {name.upper()}")
+        if key not in _field_types(SECTIONS[section]):
             raise ConfigError(
                 f"{name}: unknown setting; expected {ENV_PREFIX}{section.upper()}_<KEY> with "
                 f"KEY one of {', '.join(k.upper() for k in _field_types(SECTIONS[section]))}"
