@@ -97,12 +97,14 @@ async def test_host_and_forwarded_headers(proxy: Proxy, upstream: StandInUpstrea
 
 async def test_nothing_is_added_to_a_bare_request(token_server: StandInTokenServer) -> None:
     """No User-Agent, Accept, Accept-Encoding, Content-Type, Content-Length or chunking."""
-    async with RawUpstream() as raw:
-        async with Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy:
-            await wait_ready(proxy)
-            for method in ("GET", "POST", "DELETE"):
-                response = await exchange(proxy.port, get("/bare", method=method))
-                assert response.status == 200
+    async with (
+        RawUpstream() as raw,
+        Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy,
+    ):
+        await wait_ready(proxy)
+        for method in ("GET", "POST", "DELETE"):
+            response = await exchange(proxy.port, get("/bare", method=method))
+            assert response.status == 200
     names = [[name.lower() for name, _ in request.headers] for request in raw.requests]
     expected = ["host", "authorization", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
     assert names == [expected] * 3
@@ -123,22 +125,24 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(
         b"X-Kept: yes\r\n"
         b"Content-Length: 2\r\n\r\nok"
     )
-    async with RawUpstream(canned(answer)) as raw:
-        async with Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy:
-            await wait_ready(proxy)
-            response = await exchange(
-                proxy.port,
-                get(
-                    "/hop",
-                    "Connection: keep-alive, X-Client-Hop",
-                    "X-Client-Hop: 1",
-                    "Keep-Alive: timeout=5",
-                    "TE: trailers",
-                    "Trailer: X-Checksum",
-                    "Proxy-Connection: keep-alive",
-                    "X-Kept: yes",
-                ),
-            )
+    async with (
+        RawUpstream(canned(answer)) as raw,
+        Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy,
+    ):
+        await wait_ready(proxy)
+        response = await exchange(
+            proxy.port,
+            get(
+                "/hop",
+                "Connection: keep-alive, X-Client-Hop",
+                "X-Client-Hop: 1",
+                "Keep-Alive: timeout=5",
+                "TE: trailers",
+                "Trailer: X-Checksum",
+                "Proxy-Connection: keep-alive",
+                "X-Kept: yes",
+            ),
+        )
     sent = {name.lower() for name, _ in raw.requests[0].headers}
     assert sent.isdisjoint(
         {"connection", "x-client-hop", "keep-alive", "te", "trailer", "proxy-connection"}
@@ -451,15 +455,17 @@ async def test_short_upstream_body_aborts_the_client_connection(
 ) -> None:
     """Content-Length promises more than the upstream sends: the client is not told it is whole."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000
-    async with RawUpstream(canned(answer, close=True)) as raw:
-        async with Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy:
-            await wait_ready(proxy)
-            async with client.get(proxy.url + "/short") as response:
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await response.read()
-            # And the proxy still serves.
-            async with client.get(proxy.url + "/-/healthz") as health:
-                assert health.status == 200
+    async with (
+        RawUpstream(canned(answer, close=True)) as raw,
+        Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy,
+    ):
+        await wait_ready(proxy)
+        async with client.get(proxy.url + "/short") as response:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        # And the proxy still serves.
+        async with client.get(proxy.url + "/-/healthz") as health:
+            assert health.status == 200
 
 
 # --- the 401 retry ---------------------------------------------------------------------------
