@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__, config, logs
 from .app import client_session
-from .config import AuthSettings, Secret, Settings, UpstreamSettings
+from .config import Secret, Settings
 from .errors import ConfigError, TokenError
 from .server import Proxy, run
 from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
@@ -97,6 +97,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except TokenError as error:
         print(f"sparks-proxy: token request failed: {error.code}: {error.detail}", file=sys.stderr)
         return EXIT_TOKEN_FAILED
+    except ConfigError as error:  # settings that only fail in use, e.g. a port already taken
+        print(f"sparks-proxy: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         pass
     return 0
@@ -119,13 +122,16 @@ async def _fetch(settings: Settings, *, use_store: bool) -> Token:
 
 async def _demo(settings: Settings) -> None:
     async with StandInTokenServer() as token_server, StandInUpstream() as upstream:
+        # Only the destinations and the credential change; every other setting still applies.
         demo = dataclasses.replace(
             settings,
-            upstream=UpstreamSettings(url=upstream.url),
-            auth=AuthSettings(
+            upstream=dataclasses.replace(settings.upstream, url=upstream.url),
+            auth=dataclasses.replace(
+                settings.auth,
                 token_url=token_server.token_url,
                 client_id=DEMO_CLIENT_ID,
                 client_secret=Secret(DEMO_CLIENT_SECRET),
+                client_secret_file="",
             ),
         )
         await run(config.validate(demo), on_ready=lambda proxy: _demo_banner(proxy, upstream))

@@ -161,7 +161,12 @@ _SERVICE_LINK = re.compile(
 )
 
 # Keys whose value may be zero; every other number must be positive.
-_ZERO_ALLOWED = {"server.port", "server.max_body_size", "auth.refresh_margin"}
+_ZERO_ALLOWED = {
+    "server.port",
+    "server.max_body_size",
+    "upstream.replay_body_limit",
+    "auth.refresh_margin",
+}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -193,7 +198,13 @@ def _coerce(name: str, kind: Any, value: Any, *, from_text: bool) -> Any:
                 return int(value.strip())
             except ValueError:
                 pass
-        raise ConfigError(f"{name}: expected a whole number, got {_shown(name, value)}")
+        hint = ""
+        if isinstance(value, str) and value.startswith("tcp://"):
+            hint = (
+                " (a Kubernetes Service named after this variable injects it; "
+                "set enableServiceLinks: false in the pod spec)"
+            )
+        raise ConfigError(f"{name}: expected a whole number, got {_shown(name, value)}{hint}")
     if kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
@@ -216,7 +227,7 @@ def _coerce(name: str, kind: Any, value: Any, *, from_text: bool) -> Any:
 
 def _shown(name: str, value: Any) -> str:
     """How a bad value is quoted in an error: never a secret's text."""
-    if name.endswith("secret"):
+    if name.lower().endswith("secret"):
         return f"a {type(value).__name__}"
     return repr(value)
 
@@ -314,7 +325,7 @@ def validate(settings: Settings) -> Settings:
                 raise ConfigError(f"{name}: expected a positive number, got {value!r}")
             if kind in (int, float) and value < 0:
                 raise ConfigError(f"{name}: expected zero or more, got {value!r}")
-            if name in CHOICES and value not in CHOICES[name]:
+            if name in CHOICES and value.lower() not in CHOICES[name]:
                 raise ConfigError(
                     f"{name}: expected one of {', '.join(CHOICES[name])}, got {value!r}"
                 )
@@ -337,9 +348,22 @@ def validate(settings: Settings) -> Settings:
         parent = Path(settings.auth.token_cache_file).parent
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"auth.token_cache_file: directory {str(parent)!r} is not writable")
-    return dataclasses.replace(
+    settings = dataclasses.replace(
         settings, upstream=dataclasses.replace(settings.upstream, url=upstream_url)
     )
+    return _lower_choices(settings)
+
+
+def _lower_choices(settings: Settings) -> Settings:
+    """Choices are case-insensitive (``INFO`` works); the code compares lower case."""
+    for name in CHOICES:
+        section, _, key = name.partition(".")
+        part = getattr(settings, section)
+        lowered = getattr(part, key).lower()
+        settings = dataclasses.replace(
+            settings, **{section: dataclasses.replace(part, **{key: lowered})}
+        )
+    return settings
 
 
 def require_credentials(settings: Settings) -> None:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .app import LIFECYCLE, create_app, dispatcher
 from .config import Settings
+from .errors import ConfigError
 from .listener import build_server
 
 log = logging.getLogger("sparks_proxy.server")
@@ -39,6 +40,8 @@ class Proxy:
     def url(self) -> str:
         """The base URL clients use, e.g. ``http://127.0.0.1:8080``."""
         host = self.settings.server.host
+        # A wildcard address is where it listens, not where a client connects.
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
 
@@ -54,8 +57,15 @@ class Proxy:
             server, handle_signals=False, shutdown_timeout=self.settings.server.shutdown_grace
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.server.host, self.settings.server.port)
-        await site.start()
+        server_settings = self.settings.server
+        site = web.TCPSite(self._runner, server_settings.host, server_settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"server.host/server.port: cannot listen on "
+                f"{server_settings.host}:{server_settings.port} ({exc.strerror or exc})"
+            ) from None
         sockets = self._runner.addresses
         self.port = sockets[0][1] if sockets else self.settings.server.port
         log.info("listening on %s, forwarding to %s", self.url, self.settings.upstream.url)

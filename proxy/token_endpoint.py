@@ -98,7 +98,9 @@ class TokenEndpoint:
 
     def _request(self, secret: str) -> tuple[dict[str, str], bytes]:
         auth = self._auth
-        fields = {"grant_type": "client_credentials", "audience": auth.audience}
+        fields = {"grant_type": "client_credentials"}
+        if auth.audience:
+            fields["audience"] = auth.audience
         if auth.scope:
             fields["scope"] = auth.scope
         headers = {"Accept": "application/json"}

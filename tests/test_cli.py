@@ -294,6 +294,21 @@ def test_secret_file_that_is_a_directory_is_a_config_error(tmp_path: Path) -> No
     assert "auth.client_secret_file" in result.stderr
 
 
+def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
+    """A listen address that is taken exits 2 with one line naming server.port, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli_sync(["demo", "--port", str(port)], tmp_path, cli_env())
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert len(errors) == 1
+    assert "server.port" in errors[0]
+    assert f"127.0.0.1:{port}" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 # -- check -------------------------------------------------------------------------------------
 
 

@@ -631,8 +631,27 @@ def test_port_bounds_are_accepted(port: int) -> None:
 
 
 def test_zero_is_allowed_where_documented(tmp_path: Path) -> None:
-    """max_body_size = 0 (no limit) and refresh_margin = 0 (automatic) are accepted."""
-    path = write_toml(tmp_path, "[server]\nmax_body_size = 0\n[auth]\nrefresh_margin = 0\n")
+    """max_body_size 0 (no limit), replay_body_limit 0 (never replay), refresh_margin 0 (auto)."""
+    path = write_toml(
+        tmp_path,
+        "[server]\nmax_body_size = 0\n[upstream]\nreplay_body_limit = 0\n"
+        "[auth]\nrefresh_margin = 0\n",
+    )
     settings = load(path, {})
     assert settings.server.max_body_size == 0
+    assert settings.upstream.replay_body_limit == 0
     assert settings.auth.refresh_margin == 0.0
+
+
+def test_choices_are_case_insensitive() -> None:
+    """``SPARKS_PROXY_LOG_LEVEL=INFO`` works and is used as ``info``."""
+    settings = load(
+        None, {"SPARKS_PROXY_LOG_LEVEL": "INFO", "SPARKS_PROXY_AUTH_REQUEST_FORMAT": "Form"}
+    )
+    assert (settings.log.level, settings.auth.request_format) == ("info", "form")
+
+
+def test_service_link_value_in_a_setting_explains_itself() -> None:
+    """A Service named sparks-proxy-server collides with server.port: the error says so."""
+    with pytest.raises(ConfigError, match="enableServiceLinks"):
+        load(None, {"SPARKS_PROXY_SERVER_PORT": "tcp://10.0.0.1:8080"})

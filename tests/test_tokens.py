@@ -311,6 +311,15 @@ async def test_token_request_formats(
         assert seen.fields["client_secret"] == DEMO_CLIENT_SECRET
 
 
+async def test_empty_audience_is_left_out(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer
+) -> None:
+    """``audience = ""`` omits the field instead of sending an empty one."""
+    async with start_proxy(auth={"audience": ""}) as proxy:
+        await wait_ready(proxy)
+    assert "audience" not in token_server.requests[0].fields
+
+
 async def test_scope_is_sent_when_configured(
     start_proxy: ProxyFactory, token_server: StandInTokenServer
 ) -> None:
