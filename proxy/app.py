@@ -8,6 +8,7 @@ are dispatched by :func:`dispatcher`: ``/-/`` paths to the admin routes, all oth
 
 from __future__ import annotations
 
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,9 +22,12 @@ from .config import Settings
 from .errors import ProxyError, error_response
 from .forward import Forwarder
 from .metrics import Metrics
+from .request_checks import check_request
 from .token_endpoint import CredentialIdentity, TokenEndpoint
 from .token_store import TokenStore
 from .tokens import TokenManager
+
+log = logging.getLogger("sparks_proxy.errors")
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -101,7 +105,7 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         await tokens.start()
         try:
             app[TOKENS] = tokens
-            app[FORWARDER] = Forwarder(settings, session, tokens, metrics, AccessLog(metrics))
+            app[FORWARDER] = Forwarder(settings, session, tokens, metrics)
             app[ADMIN] = Admin(tokens, metrics, app[LIFECYCLE])
             yield
         finally:
@@ -109,20 +113,38 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
 
 
 def dispatcher(app: web.Application) -> Handler:
-    """The listener's request handler for a started ``app``."""
+    """The listener's request handler for a started ``app``.
+
+    Every request is checked (:mod:`proxy.request_checks`), then answered by the admin routes
+    (``/-/`` paths) or forwarded. Every answer the proxy makes itself, for either, comes back
+    here as a :class:`ProxyError`; every request gets one access-log line and metrics sample.
+    """
     forward = app[FORWARDER]
     admin = app[ADMIN]
-    access_log = AccessLog(app[METRICS])
+    metrics = app[METRICS]
+    access_log = AccessLog(metrics)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        if not request.raw_path.startswith("/-/"):
-            return await forward(request)
         started = time.monotonic()
+        upstream_seconds: float | None = None
         try:
-            response = await admin(request)
+            check_request(request)
+            if request.raw_path.startswith("/-/"):
+                response = await admin(request)
+            else:
+                response, upstream_seconds = await forward(request)
         except ProxyError as error:
+            metrics.proxy_errors.labels(error.code).inc()
+            log.warning(
+                "%s %s -> %d %s: %s",
+                request.method,
+                request.path,
+                error.status,
+                error.code,
+                error.detail,
+            )
             response = error_response(error)
-        access_log.record(request, response, started)
+        access_log.record(request, response, started, upstream_seconds)
         return response
 
     return handle

@@ -64,11 +64,15 @@ class ServerSettings:
     shutdown_grace: float = 10.0
     """Seconds in-flight requests get to finish after SIGTERM/SIGINT."""
     keepalive_timeout: float = 75.0
-    """Seconds an idle client keep-alive connection stays open."""
+    """Seconds an idle client connection stays open waiting for its next request."""
+    header_timeout: float = 10.0
+    """Seconds a client may take from the first byte of a request to the end of its head."""
+    max_connections: int = 1024
+    """Most client connections open at once; more are answered 503 and closed."""
     max_body_size: int = 0
     """Largest request body accepted, in bytes (413 above it); 0 means no limit."""
-    max_line_size: int = 8190
-    """Longest request line (414 above it)."""
+    max_line_size: int = 8192
+    """Longest request line (414 above it); keep it apart from max_field_size."""
     max_field_size: int = 8190
     """Longest header line (431 above it)."""
     max_headers: int = 128

@@ -11,6 +11,8 @@
           ├── MethodNotAllowed      405: CONNECT and other tunnels
           ├── PayloadTooLarge       413: body over server.max_body_size
           ├── ExpectationFailed     417: an Expect other than 100-continue
+          ├── UnsupportedTransferCoding  501: a transfer coding other than chunked
+          ├── VersionNotSupported   505: anything but HTTP/1.0 and HTTP/1.1
           ├── UpstreamUnreachable   502: connect refused, reset, DNS, TLS, or connect timeout
           ├── BadUpstreamResponse   502: the upstream answered something that is not HTTP
           ├── TokenUnavailable      503: no valid token and none can be had right now
@@ -68,6 +70,8 @@ class ProxyError(SparksProxyError):
 
     status = 500
     code = "internal_error"
+    closes_connection = False
+    """Whether the connection must close after the answer (the framing cannot be trusted)."""
 
     def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -80,6 +84,7 @@ class BadRequest(ProxyError):
 
     status = 400
     code = "bad_request"
+    closes_connection = True
 
 
 class NotFound(ProxyError):
@@ -108,6 +113,22 @@ class ExpectationFailed(ProxyError):
 
     status = 417
     code = "expectation_failed"
+
+
+class UnsupportedTransferCoding(ProxyError):
+    """Raised for a Transfer-Encoding other than a lone ``chunked``."""
+
+    status = 501
+    code = "unsupported_transfer_coding"
+    closes_connection = True
+
+
+class VersionNotSupported(ProxyError):
+    """Raised for a request that is not HTTP/1.0 or HTTP/1.1."""
+
+    status = 505
+    code = "http_version_not_supported"
+    closes_connection = True
 
 
 class UpstreamUnreachable(ProxyError):
@@ -162,4 +183,7 @@ def json_error(
 
 def error_response(error: ProxyError) -> web.Response:
     """The HTTP answer for a :class:`ProxyError`."""
-    return json_error(error.status, error.code, error.detail, retry_after=error.retry_after)
+    response = json_error(error.status, error.code, error.detail, retry_after=error.retry_after)
+    if error.closes_connection:
+        response.force_close()
+    return response

@@ -18,7 +18,6 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .access_log import AccessLog
 from .config import Settings
 from .errors import (
     BadRequest,
@@ -26,11 +25,9 @@ from .errors import (
     ExpectationFailed,
     MethodNotAllowed,
     PayloadTooLarge,
-    ProxyError,
     UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnreachable,
-    error_response,
 )
 from .headers import LocationRewriter, downstream_response_headers, upstream_request_headers
 from .metrics import Metrics
@@ -51,47 +48,32 @@ class Forwarder:
         session: aiohttp.ClientSession,
         tokens: TokenManager,
         metrics: Metrics,
-        access_log: AccessLog,
     ) -> None:
         upstream = settings.upstream
         self._base = upstream.url  # origin plus optional base path, no trailing slash
         self._session = session
         self._tokens = tokens
         self._metrics = metrics
-        self._access_log = access_log
         self._replay_limit = upstream.replay_body_limit
         self._max_body = settings.server.max_body_size
         self._pool_timeout = upstream.pool_timeout
         self._location = LocationRewriter(upstream.url)
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = time.monotonic()
-        self._metrics.in_flight.inc()
-        upstream_seconds: float | None = None
-        try:
-            try:
-                response, upstream_seconds = await self._forward(request, started)
-            except ProxyError as error:
-                self._metrics.proxy_errors.labels(error.code).inc()
-                log.warning(
-                    "%s %s -> %d %s: %s",
-                    request.method,
-                    request.path,
-                    error.status,
-                    error.code,
-                    error.detail,
-                )
-                response = error_response(error)
-        finally:
-            self._metrics.in_flight.dec()
-        self._access_log.record(request, response, started, upstream_seconds)
-        return response
+    async def __call__(self, request: web.BaseRequest) -> tuple[web.StreamResponse, float]:
+        """Forward ``request``; return the answer and the upstream's time to headers.
 
-    async def _forward(
-        self, request: web.BaseRequest, started: float
-    ) -> tuple[web.StreamResponse, float | None]:
+        Raises :class:`~proxy.errors.ProxyError` for every answer the proxy makes itself.
+        """
         if request.method == "CONNECT":
             raise MethodNotAllowed("CONNECT is not supported: the proxy never opens a tunnel")
+        in_flight = self._metrics.in_flight
+        in_flight.inc()
+        try:
+            return await self._forward(request)
+        finally:
+            in_flight.dec()
+
+    async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, float]:
         url = URL(self._base + _origin_form(request.raw_path), encoded=True)
         body, replayable, guard = await self._body(request)
 
