@@ -67,6 +67,8 @@ class ServerSettings:
     """Seconds an idle client connection stays open waiting for its next request."""
     header_timeout: float = 10.0
     """Seconds a client may take from the first byte of a request to the end of its head."""
+    body_timeout: float = 60.0
+    """Longest wait for the next request-body byte from the client (408 after it)."""
     max_connections: int = 1024
     """Most client connections open at once; more are answered 503 and closed."""
     max_body_size: int = 0

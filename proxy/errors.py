@@ -9,6 +9,7 @@
           ├── BadRequest            400: the request cannot be forwarded as sent
           ├── NotFound              404: a reserved /-/ path that does not exist
           ├── MethodNotAllowed      405: CONNECT and other tunnels
+          ├── RequestTimeout        408: the request body stalled for server.body_timeout
           ├── PayloadTooLarge       413: body over server.max_body_size
           ├── ExpectationFailed     417: an Expect other than 100-continue
           ├── UnsupportedTransferCoding  501: a transfer coding other than chunked
@@ -101,11 +102,20 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    """Raised when the client stops sending its body for ``server.body_timeout`` seconds."""
+
+    status = 408
+    code = "request_timeout"
+    closes_connection = True
+
+
 class PayloadTooLarge(ProxyError):
     """Raised when a request body is larger than ``server.max_body_size``."""
 
     status = 413
     code = "payload_too_large"
+    closes_connection = True
 
 
 class ExpectationFailed(ProxyError):
@@ -113,6 +123,7 @@ class ExpectationFailed(ProxyError):
 
     status = 417
     code = "expectation_failed"
+    closes_connection = True
 
 
 class UnsupportedTransferCoding(ProxyError):

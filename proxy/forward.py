@@ -25,6 +25,8 @@ from .errors import (
     ExpectationFailed,
     MethodNotAllowed,
     PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
     UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -56,6 +58,7 @@ class Forwarder:
         self._metrics = metrics
         self._replay_limit = upstream.replay_body_limit
         self._max_body = settings.server.max_body_size
+        self._body_timeout = settings.server.body_timeout
         self._pool_timeout = upstream.pool_timeout
         self._location = LocationRewriter(upstream.url)
 
@@ -120,10 +123,13 @@ class Forwarder:
                 await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if length is not None and length <= self._replay_limit:
             try:
-                return await request.read(), True, None
+                async with asyncio.timeout(self._body_timeout):
+                    return await request.read(), True, None
+            except TimeoutError:
+                raise RequestTimeout(_BODY_TIMEOUT) from None
             except (aiohttp.ClientPayloadError, ConnectionError):
                 raise BadRequest("the request body ended before its declared length") from None
-        guard = _BodyGuard(request.content, self._max_body)
+        guard = _BodyGuard(request.content, self._max_body, self._body_timeout)
         return guard.chunks(), False, guard
 
     async def _send(
@@ -159,12 +165,8 @@ class Forwarder:
                 f"could not connect to the upstream ({_reason(exc)})"
             ) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
-            if guard is not None and guard.too_large:
-                raise PayloadTooLarge(
-                    f"request body is over server.max_body_size ({guard.limit})"
-                ) from None
-            if guard is not None and guard.truncated:
-                raise BadRequest("the request body ended early") from None
+            if guard is not None and guard.failure is not None:
+                raise guard.failure from None
             raise BadUpstreamResponse(
                 f"the upstream connection failed ({type(exc).__name__})"
             ) from None
@@ -217,26 +219,43 @@ class Forwarder:
 
 
 class _BodyGuard:
-    """Streams a request body upstream, enforcing ``server.max_body_size`` as it goes."""
+    """Streams a request body upstream, enforcing ``server.max_body_size`` and ``body_timeout``.
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    When the body fails, ``failure`` says why: the upstream request then fails too, and the
+    client is answered with this error instead of a misleading upstream one.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int, timeout: float) -> None:
         self._content = content
-        self.limit = limit
-        self.too_large = False
-        self.truncated = False
+        self._limit = limit
+        self._timeout = timeout
+        self.failure: ProxyError | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive."""
         size = 0
-        try:
-            async for chunk in self._content.iter_any():
-                size += len(chunk)
-                if self.limit and size > self.limit:
-                    self.too_large = True
-                    raise PayloadTooLarge("request body is over server.max_body_size")
-                yield chunk
-        except (aiohttp.ClientPayloadError, ConnectionError):
-            self.truncated = True
-            raise
+        while True:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.failure = RequestTimeout(_BODY_TIMEOUT)
+                raise self.failure from None
+            except (aiohttp.ClientPayloadError, ConnectionError):
+                self.failure = BadRequest("the request body ended early or was malformed")
+                raise self.failure from None
+            if not chunk:
+                return
+            size += len(chunk)
+            if self._limit and size > self._limit:
+                self.failure = PayloadTooLarge(
+                    f"request body is over server.max_body_size ({self._limit})"
+                )
+                raise self.failure
+            yield chunk
+
+
+_BODY_TIMEOUT = "the client sent no body bytes within server.body_timeout"
 
 
 def _origin_form(target: str) -> str:

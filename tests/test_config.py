@@ -6,13 +6,15 @@ an empty temporary working directory, so no stray ``./config.toml`` is picked up
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy.config import Secret, Settings, load, require_credentials
+from proxy.config import SECTIONS, Secret, Settings, load, require_credentials
 from proxy.errors import ConfigError
 
 # Obvious fakes, distinctive enough that finding them in a message can only mean a leak.
@@ -655,3 +657,17 @@ def test_service_link_value_in_a_setting_explains_itself() -> None:
     """A Service named sparks-proxy-server collides with server.port: the error says so."""
     with pytest.raises(ConfigError, match="enableServiceLinks"):
         load(None, {"SPARKS_PROXY_SERVER_PORT": "tcp://10.0.0.1:8080"})
+
+
+def test_example_config_documents_every_key_and_loads() -> None:
+    """config.example.toml names every setting of every section, and is itself valid."""
+    example = Path(__file__).parent.parent / "config.example.toml"
+    text = example.read_text(encoding="utf-8")
+    for section, cls in SECTIONS.items():
+        # Each key stands as ``key = ...``, active or commented out (client_secret_file).
+        table = text.split(f"\n[{section}]\n", 1)[1].split("\n[", 1)[0]
+        for key in (f.name for f in dataclasses.fields(cls)):
+            assert re.search(rf"^(# )?{key} = ", table, re.M), f"{section}.{key}"
+    settings = load(str(example), {})
+    defaults = Settings()
+    assert settings.server == defaults.server
