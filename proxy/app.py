@@ -54,8 +54,7 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
     upstream = settings.upstream
     ssl_context = ssl.create_default_context(cafile=upstream.ca_file or None)
     connector = aiohttp.TCPConnector(
-        limit=upstream.pool_size,
-        limit_per_host=upstream.pool_size,
+        limit=0,  # the forwarder bounds upstream concurrency itself (upstream.pool_size)
         ssl=ssl_context,  # always verified; ca_file adds a private CA
     )
     return aiohttp.ClientSession(
@@ -69,7 +68,6 @@ def client_session(settings: Settings) -> aiohttp.ClientSession:
         request_class=VerbatimRequest,
         timeout=aiohttp.ClientTimeout(
             total=None,
-            connect=upstream.pool_timeout + upstream.connect_timeout,
             sock_connect=upstream.connect_timeout,
             sock_read=upstream.read_timeout,
         ),

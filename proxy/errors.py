@@ -100,6 +100,7 @@ class MethodNotAllowed(ProxyError):
 
     status = 405
     code = "method_not_allowed"
+    closes_connection = True  # a CONNECT client would go on with tunnel bytes
 
 
 class RequestTimeout(ProxyError):

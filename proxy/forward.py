@@ -33,6 +33,7 @@ from .errors import (
 )
 from .headers import LocationRewriter, downstream_response_headers, upstream_request_headers
 from .metrics import Metrics
+from .token_endpoint import Token
 from .tokens import TokenManager
 
 log = logging.getLogger("sparks_proxy.forward")
@@ -60,6 +61,9 @@ class Forwarder:
         self._max_body = settings.server.max_body_size
         self._body_timeout = settings.server.body_timeout
         self._pool_timeout = upstream.pool_timeout
+        # The pool's size is enforced here, not in aiohttp's connector: a wait for a slot
+        # is then told apart from a slow connect, and token requests never queue behind it.
+        self._slots = asyncio.Semaphore(upstream.pool_size)
         self._location = LocationRewriter(upstream.url)
 
     async def __call__(self, request: web.BaseRequest) -> tuple[web.StreamResponse, float]:
@@ -79,8 +83,38 @@ class Forwarder:
     async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, float]:
         url = URL(self._base + _origin_form(request.raw_path), encoded=True)
         body, replayable, guard = await self._body(request)
-
         token = await self._tokens.get()
+        await self._take_slot()
+        try:
+            return await self._exchange(request, url, body, replayable, guard, token)
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self) -> None:
+        """Wait up to pool_timeout for one of the pool_size upstream slots."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # free now: no timer needed on the common path
+            return
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise UpstreamBusy(
+                "every upstream connection stayed busy for upstream.pool_timeout; "
+                "retry, or raise upstream.pool_size",
+                retry_after=1,
+            ) from None
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        url: URL,
+        body: bytes | AsyncIterator[bytes] | None,
+        replayable: bool,
+        guard: _BodyGuard | None,
+        token: Token,
+    ) -> tuple[web.StreamResponse, float]:
+        """Send, retry once on 401 with a new token when the body allows, relay the answer."""
         while True:
             headers = upstream_request_headers(
                 request.headers,
@@ -89,7 +123,7 @@ class Forwarder:
                 proto=request.scheme,
             )
             sent = time.monotonic()
-            upstream = await self._send(request.method, url, headers, body, guard, sent)
+            upstream = await self._send(request.method, url, headers, body, guard)
             if upstream.status != 401 or not replayable or not self._tokens.invalidate(token):
                 break
             upstream.release()
@@ -139,20 +173,12 @@ class Forwarder:
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
         guard: _BodyGuard | None,
-        sent: float,
     ) -> aiohttp.ClientResponse:
         try:
             return await self._session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
             )
         except aiohttp.ConnectionTimeoutError:
-            # aiohttp's connect timeout covers the wait for a pooled connection too; a wait
-            # longer than pool_timeout means every connection stayed busy.
-            if time.monotonic() - sent >= self._pool_timeout:
-                raise UpstreamBusy(
-                    "every upstream connection stayed busy; raise upstream.pool_size or retry",
-                    retry_after=1,
-                ) from None
             raise UpstreamUnreachable(
                 "could not connect to the upstream within upstream.connect_timeout"
             ) from None

@@ -188,6 +188,10 @@ def build_server(handler: Any, settings: ServerSettings) -> ProxyServer:
         # A proxy passes compressed bodies through; it does not inflate them.
         auto_decompress=False,
         access_log=None,
+        # After an answer that leaves a request body unread, aiohttp reads and drops the rest
+        # for this long so the client sees the answer before the close; a client that stalled
+        # must not hold the connection for aiohttp's default 10 s.
+        lingering_time=2.0,
         keepalive_timeout=settings.keepalive_timeout,
         max_line_size=settings.max_line_size,
         max_field_size=settings.max_field_size,
