@@ -44,7 +44,14 @@ class _LoopbackServer:
     async def start(self, port: int = 0) -> None:
         """Listen on 127.0.0.1 (port 0: a free one)."""
         self._runner = web.AppRunner(
-            self._app(), access_log=None, auto_decompress=False, handle_signals=False
+            self._app(),
+            access_log=None,
+            auto_decompress=False,
+            handle_signals=False,
+            # Scripted stalls must not hold up a stop: hang-ups cancel them, and stopping
+            # waits briefly for what is still in flight.
+            handler_cancellation=True,
+            shutdown_timeout=1.0,
         )
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)

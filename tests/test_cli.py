@@ -309,6 +309,16 @@ def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_pure_python_parser_is_refused(tmp_path: Path) -> None:
+    """With aiohttp's compiled parser off (AIOHTTP_NO_EXTENSIONS), the proxy will not start."""
+    result = run_cli_sync(
+        ["demo", "--port", str(free_port())], tmp_path, cli_env(AIOHTTP_NO_EXTENSIONS="1")
+    )
+    assert result.returncode == 2, result.stderr
+    assert "compiled HTTP parser" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # -- check -------------------------------------------------------------------------------------
 
 
