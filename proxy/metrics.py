@@ -6,6 +6,7 @@ token results are error codes. No label ever holds a path, a header value, a tok
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -60,6 +61,12 @@ class Metrics:
             "Requests being forwarded right now.",
             registry=reg,
         )
+        self.tasks = Gauge(
+            "sparks_proxy_asyncio_tasks",
+            "asyncio tasks alive in the proxy's event loop (flat over time when nothing leaks).",
+            registry=reg,
+        )
+        self.tasks.set_function(_task_count)
 
     def watch_token(self, remaining: Callable[[], float]) -> None:
         """Report ``remaining()`` as the token expiry gauge at every scrape."""
@@ -69,3 +76,10 @@ class Metrics:
         """Record one answered request."""
         self.requests.labels(method if method in KNOWN_METHODS else "OTHER", str(status)).inc()
         self.request_duration.observe(seconds)
+
+
+def _task_count() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the event loop
+        return 0.0

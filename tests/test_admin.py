@@ -88,6 +88,10 @@ async def test_metrics_count_requests_and_tokens_without_secrets(
         line for line in text.splitlines() if line.startswith("sparks_proxy_token_expiry_seconds")
     )
     assert 3500 < float(expiry.split()[1]) <= 3600
+    tasks = next(
+        line for line in text.splitlines() if line.startswith("sparks_proxy_asyncio_tasks")
+    )
+    assert float(tasks.split()[1]) >= 2  # at least the token refresher and this request
     assert token_server.issued[0] not in text
     assert DEMO_CLIENT_SECRET not in text
 
