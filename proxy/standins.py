@@ -318,9 +318,12 @@ async def _stream_bytes(request: web.Request, size: int) -> web.StreamResponse:
     await response.prepare(request)
     block = b"x" * 65536
     remaining = size
-    while remaining > 0:
-        n = min(remaining, len(block))
-        await response.write(block[:n])
-        remaining -= n
-    await response.write_eof()
+    try:
+        while remaining > 0:
+            n = min(remaining, len(block))
+            await response.write(block[:n])
+            remaining -= n
+        await response.write_eof()
+    except ConnectionError:
+        pass  # the reader hung up: nothing more to send
     return response
