@@ -11,6 +11,8 @@ from .metrics import Metrics
 
 log = logging.getLogger("sparks_proxy.access")
 
+ABORTED = 499  # nginx's code for an exchange cut short before its answer was complete
+
 
 class AccessLog:
     """Records each request: method, path without query, status, bytes, durations."""
@@ -21,19 +23,29 @@ class AccessLog:
     def record(
         self,
         request: web.BaseRequest,
-        response: web.StreamResponse,
+        response: web.StreamResponse | None,
         started: float,
         upstream_seconds: float | None = None,
     ) -> None:
-        """Count the request and, when access logging is on, write its line."""
+        """Count the request and, when access logging is on, write its line.
+
+        ``response`` is None when the exchange was cut short (a client or upstream hang-up):
+        it is counted and logged as 499, as nginx does.
+        """
         seconds = time.monotonic() - started
-        status = response.status
+        status = response.status if response is not None else ABORTED
         self._metrics.count_request(request.method, status, seconds)
         if log.disabled or not log.isEnabledFor(logging.INFO):
             return
-        # The path only: queries may carry personal data or, from careless clients, secrets.
-        path = request.path
-        size = response.body_length if response.prepared else response.content_length or 0
+        # The raw path only: queries may carry personal data or, from careless clients,
+        # secrets; and the raw form cannot hold the CR/LF a decoded one could forge lines with.
+        path = request.raw_path.partition("?")[0]
+        if response is None:
+            size = 0
+        elif response.prepared:
+            size = response.body_length
+        else:
+            size = response.content_length or 0
         upstream_ms = round(upstream_seconds * 1000, 2) if upstream_seconds is not None else None
         log.info(
             '%s "%s %s" %d %d B %.2f ms%s',

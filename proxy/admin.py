@@ -17,12 +17,15 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .bodies import read_whole
+from .config import ServerSettings
 from .errors import BadRequest, MethodNotAllowed, NotFound
 from .metrics import Metrics
 from .tokens import TokenManager
 
 PLACEHOLDER_TOKEN = "sparks-proxy-placeholder-token"  # noqa: S105 - inert by design
 PLACEHOLDER_LIFETIME = 86400
+MAX_TOKEN_REQUEST = 64 * 1024
 
 AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -37,10 +40,17 @@ class Lifecycle:
 class Admin:
     """Answers the reserved paths."""
 
-    def __init__(self, tokens: TokenManager, metrics: Metrics, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        tokens: TokenManager,
+        metrics: Metrics,
+        lifecycle: Lifecycle,
+        server: ServerSettings,
+    ) -> None:
         self._tokens = tokens
         self._metrics = metrics
         self._lifecycle = lifecycle
+        self._body_timeout = server.body_timeout
         self._routes: dict[str, tuple[frozenset[str], AdminHandler]] = {
             "/-/healthz": (frozenset({"GET", "HEAD"}), self.healthz),
             "/-/readyz": (frozenset({"GET", "HEAD"}), self.readyz),
@@ -48,13 +58,13 @@ class Admin:
             "/-/oauth/token": (frozenset({"POST"}), self.oauth_token),
         }
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Dispatch a request for a reserved path; errors are raised as ProxyError."""
-        path = request.raw_path.partition("?")[0]
+    async def __call__(self, request: web.BaseRequest, target: str) -> web.StreamResponse:
+        """Answer ``target`` (a ``/-/`` path); errors are raised as ProxyError."""
+        path = target.partition("?")[0]
         route = self._routes.get(path)
-        if route is None:
+        if route is None:  # the detail names our paths, never echoes the client's
             raise NotFound(
-                f"{path} is reserved by the proxy and does not exist; "
+                f"that /-/ path is reserved by the proxy and does not exist; "
                 f"reserved paths are {', '.join(self._routes)}"
             )
         methods, handler = route
@@ -94,7 +104,10 @@ class Admin:
 
     async def oauth_token(self, request: web.BaseRequest) -> web.StreamResponse:
         """A client-credentials endpoint that issues only an inert placeholder."""
-        grant = _grant_type(await request.read(), request.content_type)
+        body = await read_whole(
+            request.content, limit=MAX_TOKEN_REQUEST, read_timeout=self._body_timeout
+        )
+        grant = _grant_type(body, request.content_type)
         if grant != "client_credentials":
             raise BadRequest(
                 "unsupported_grant_type: the proxy's token endpoint serves the "
@@ -116,7 +129,7 @@ def _grant_type(body: bytes, content_type: str) -> str | None:
         return values[0] if values else None
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..."
         return None
     grant = doc.get("grant_type") if isinstance(doc, dict) else None
     return grant if isinstance(grant, str) else None

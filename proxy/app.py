@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import ProxyError, error_response
 from .forward import Forwarder
 from .metrics import Metrics
-from .request_checks import check_request
+from .request_checks import RequestPolicy
 from .token_endpoint import CredentialIdentity, TokenEndpoint
 from .token_store import TokenStore
 from .tokens import TokenManager
@@ -104,7 +104,7 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         try:
             app[TOKENS] = tokens
             app[FORWARDER] = Forwarder(settings, session, tokens, metrics)
-            app[ADMIN] = Admin(tokens, metrics, app[LIFECYCLE])
+            app[ADMIN] = Admin(tokens, metrics, app[LIFECYCLE], settings.server)
             yield
         finally:
             await tokens.close()
@@ -113,36 +113,43 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
 def dispatcher(app: web.Application) -> Handler:
     """The listener's request handler for a started ``app``.
 
-    Every request is checked (:mod:`proxy.request_checks`), then answered by the admin routes
-    (``/-/`` paths) or forwarded. Every answer the proxy makes itself, for either, comes back
-    here as a :class:`ProxyError`; every request gets one access-log line and metrics sample.
+    Every request is checked (:class:`~proxy.request_checks.RequestPolicy`), then answered by
+    the admin routes (``/-/`` paths) or forwarded. Every answer the proxy makes itself comes
+    back here as a :class:`ProxyError`; every request gets one access-log line and metrics
+    sample, including those cut short (logged as 499).
     """
     forward = app[FORWARDER]
     admin = app[ADMIN]
     metrics = app[METRICS]
+    policy = RequestPolicy(app[SETTINGS].server)
     access_log = AccessLog(metrics)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
         upstream_seconds: float | None = None
+        response: web.StreamResponse | None = None
         try:
-            check_request(request)
-            if request.raw_path.startswith("/-/"):
-                response = await admin(request)
+            target = policy.check(request)
+            if target.startswith("/-/"):
+                response = await admin(request, target)
             else:
-                response, upstream_seconds = await forward(request)
+                response, upstream_seconds = await forward(request, target)
         except ProxyError as error:
             metrics.proxy_errors.labels(error.code).inc()
             log.warning(
                 "%s %s -> %d %s: %s",
                 request.method,
-                request.path,
+                request.raw_path.partition("?")[0],
                 error.status,
                 error.code,
                 error.detail,
             )
             response = error_response(error)
-        access_log.record(request, response, started, upstream_seconds)
+        finally:
+            access_log.record(request, response, started, upstream_seconds)
+        if "Upgrade" in request.headers:
+            # aiohttp may treat what follows an Upgrade request as tunnel bytes: start afresh.
+            response.force_close()
         return response
 
     return handle

@@ -61,8 +61,12 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    allowed_hosts: str = "localhost,127.0.0.1,::1"
+    """Comma-separated Host names served (421 for others; "*" for any): defeats DNS rebinding."""
     shutdown_grace: float = 10.0
     """Seconds in-flight requests get to finish after SIGTERM/SIGINT."""
+    drain_delay: float = 0.0
+    """Seconds between failing readiness and closing the listener on SIGTERM (0: at once)."""
     keepalive_timeout: float = 75.0
     """Seconds an idle client connection stays open waiting for its next request."""
     header_timeout: float = 10.0
@@ -169,6 +173,7 @@ _SERVICE_LINK = re.compile(
 # Keys whose value may be zero; every other number must be positive.
 _ZERO_ALLOWED = {
     "server.port",
+    "server.drain_delay",
     "server.max_body_size",
     "upstream.replay_body_limit",
     "auth.refresh_margin",

@@ -7,11 +7,14 @@
      ├── TokenError             one token request failed (network, status, body)
      └── ProxyError             the proxy answers a request itself, as JSON
           ├── BadRequest            400: the request cannot be forwarded as sent
+          ├── CrossSiteRequest      403: a browser's request from another site
           ├── NotFound              404: a reserved /-/ path that does not exist
-          ├── MethodNotAllowed      405: CONNECT and other tunnels
+          ├── MethodNotAllowed      405: a wrong method on a /-/ path
+          │    └── TunnelRefused    405: CONNECT (the connection closes)
           ├── RequestTimeout        408: the request body stalled for server.body_timeout
           ├── PayloadTooLarge       413: body over server.max_body_size
           ├── ExpectationFailed     417: an Expect other than 100-continue
+          ├── MisdirectedRequest    421: a Host not in server.allowed_hosts
           ├── UnsupportedTransferCoding  501: a transfer coding other than chunked
           ├── VersionNotSupported   505: anything but HTTP/1.0 and HTTP/1.1
           ├── UpstreamUnreachable   502: connect refused, reset, DNS, TLS, or connect timeout
@@ -88,6 +91,13 @@ class BadRequest(ProxyError):
     closes_connection = True
 
 
+class CrossSiteRequest(ProxyError):
+    """Raised for a browser request sent from another site (Sec-Fetch-Site, Origin)."""
+
+    status = 403
+    code = "cross_site_request"
+
+
 class NotFound(ProxyError):
     """Raised for a path under the reserved ``/-/`` prefix that the proxy does not serve."""
 
@@ -96,10 +106,15 @@ class NotFound(ProxyError):
 
 
 class MethodNotAllowed(ProxyError):
-    """Raised for CONNECT: the proxy never opens a tunnel."""
+    """Raised for a method a reserved ``/-/`` path does not serve."""
 
     status = 405
     code = "method_not_allowed"
+
+
+class TunnelRefused(MethodNotAllowed):
+    """Raised for CONNECT: the proxy never opens a tunnel."""
+
     closes_connection = True  # a CONNECT client would go on with tunnel bytes
 
 
@@ -125,6 +140,13 @@ class ExpectationFailed(ProxyError):
     status = 417
     code = "expectation_failed"
     closes_connection = True
+
+
+class MisdirectedRequest(ProxyError):
+    """Raised for a Host the proxy does not serve (``server.allowed_hosts``)."""
+
+    status = 421
+    code = "host_not_allowed"
 
 
 class UnsupportedTransferCoding(ProxyError):

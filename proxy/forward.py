@@ -18,15 +18,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .bodies import StreamedBody, read_whole
 from .config import Settings
 from .errors import (
-    BadRequest,
     BadUpstreamResponse,
     ExpectationFailed,
-    MethodNotAllowed,
     PayloadTooLarge,
-    ProxyError,
-    RequestTimeout,
     UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -66,29 +63,28 @@ class Forwarder:
         self._slots = asyncio.Semaphore(upstream.pool_size)
         self._location = LocationRewriter(upstream.url)
 
-    async def __call__(self, request: web.BaseRequest) -> tuple[web.StreamResponse, float]:
-        """Forward ``request``; return the answer and the upstream's time to headers.
+    async def __call__(
+        self, request: web.BaseRequest, target: str
+    ) -> tuple[web.StreamResponse, float]:
+        """Forward ``request`` to ``target`` (origin-form) on the upstream.
 
-        Raises :class:`~proxy.errors.ProxyError` for every answer the proxy makes itself.
+        Returns the answer and the upstream's time to headers; raises
+        :class:`~proxy.errors.ProxyError` for every answer the proxy makes itself.
         """
-        if request.method == "CONNECT":
-            raise MethodNotAllowed("CONNECT is not supported: the proxy never opens a tunnel")
         in_flight = self._metrics.in_flight
         in_flight.inc()
         try:
-            return await self._forward(request)
+            url = URL(self._base + target, encoded=True)
+            body, replayable, streamed = await self._body(request)
+            await self._take_slot()
+            try:
+                # Taken after the slot: a token must not expire while the request queues.
+                token = await self._tokens.get()
+                return await self._exchange(request, url, body, replayable, streamed, token)
+            finally:
+                self._slots.release()
         finally:
             in_flight.dec()
-
-    async def _forward(self, request: web.BaseRequest) -> tuple[web.StreamResponse, float]:
-        url = URL(self._base + _origin_form(request.raw_path), encoded=True)
-        body, replayable, guard = await self._body(request)
-        token = await self._tokens.get()
-        await self._take_slot()
-        try:
-            return await self._exchange(request, url, body, replayable, guard, token)
-        finally:
-            self._slots.release()
 
     async def _take_slot(self) -> None:
         """Wait up to pool_timeout for one of the pool_size upstream slots."""
@@ -111,7 +107,7 @@ class Forwarder:
         url: URL,
         body: bytes | AsyncIterator[bytes] | None,
         replayable: bool,
-        guard: _BodyGuard | None,
+        streamed: StreamedBody | None,
         token: Token,
     ) -> tuple[web.StreamResponse, float]:
         """Send, retry once on 401 with a new token when the body allows, relay the answer."""
@@ -123,7 +119,7 @@ class Forwarder:
                 proto=request.scheme,
             )
             sent = time.monotonic()
-            upstream = await self._send(request.method, url, headers, body, guard)
+            upstream = await self._send(request.method, url, headers, body, streamed)
             if upstream.status != 401 or not replayable or not self._tokens.invalidate(token):
                 break
             upstream.release()
@@ -138,8 +134,11 @@ class Forwarder:
 
     async def _body(
         self, request: web.BaseRequest
-    ) -> tuple[bytes | AsyncIterator[bytes] | None, bool, _BodyGuard | None]:
-        """The body to send upstream, whether it can be sent twice, and its size guard."""
+    ) -> tuple[bytes | AsyncIterator[bytes] | None, bool, StreamedBody | None]:
+        """The body to send upstream, whether it can be sent twice, and its stream if streamed."""
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            raise ExpectationFailed("only Expect: 100-continue is supported")
         length = request.content_length
         if length is None and not request.body_exists:
             return None, True, None
@@ -147,24 +146,15 @@ class Forwarder:
             raise PayloadTooLarge(
                 f"request body of {length} bytes is over server.max_body_size ({self._max_body})"
             )
-        expect = request.headers.get("Expect")
-        if expect is not None:
-            if expect.lower() != "100-continue":
-                raise ExpectationFailed("only Expect: 100-continue is supported")
+        if expect is not None and request.version >= (1, 1):
             # The proxy answers the client's 100-continue itself (and only once the body is
             # acceptable); the upstream gets the body without being asked.
-            if request.version >= (1, 1):
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if length is not None and length <= self._replay_limit:
-            try:
-                async with asyncio.timeout(self._body_timeout):
-                    return await request.read(), True, None
-            except TimeoutError:
-                raise RequestTimeout(_BODY_TIMEOUT) from None
-            except (aiohttp.ClientPayloadError, ConnectionError):
-                raise BadRequest("the request body ended before its declared length") from None
-        guard = _BodyGuard(request.content, self._max_body, self._body_timeout)
-        return guard.chunks(), False, guard
+            body = await read_whole(request.content, limit=length, read_timeout=self._body_timeout)
+            return body, True, None
+        streamed = StreamedBody(request.content, self._max_body, self._body_timeout)
+        return streamed.chunks(), False, streamed
 
     async def _send(
         self,
@@ -172,7 +162,7 @@ class Forwarder:
         url: URL,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-        guard: _BodyGuard | None,
+        streamed: StreamedBody | None,
     ) -> aiohttp.ClientResponse:
         try:
             return await self._session.request(
@@ -191,8 +181,8 @@ class Forwarder:
                 f"could not connect to the upstream ({_reason(exc)})"
             ) from None
         except (aiohttp.ClientError, ConnectionError) as exc:
-            if guard is not None and guard.failure is not None:
-                raise guard.failure from None
+            if streamed is not None and streamed.failure is not None:
+                raise streamed.failure from None
             raise BadUpstreamResponse(
                 f"the upstream connection failed ({type(exc).__name__})"
             ) from None
@@ -200,8 +190,13 @@ class Forwarder:
     async def _relay(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
     ) -> web.StreamResponse:
+        if upstream.status < 200:
+            # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
+            raise BadUpstreamResponse(f"the upstream answered {upstream.status}, not relayed")
+        if not all(value.isascii() for _, value in upstream.raw_headers):
+            raise BadUpstreamResponse("the upstream sent a header with bytes outside ASCII")
         host = request.headers.get("Host")
-        response = web.StreamResponse(
+        response = RelayedResponse(
             status=upstream.status,
             reason=upstream.reason,
             headers=downstream_response_headers(
@@ -234,7 +229,7 @@ class Forwarder:
             log.warning(
                 "%s %s: upstream answer cut short (%s); aborting the client connection",
                 request.method,
-                request.path,
+                request.raw_path.partition("?")[0],
                 type(exc).__name__,
             )
             if request.transport is not None:
@@ -244,60 +239,17 @@ class Forwarder:
         return response
 
 
-class _BodyGuard:
-    """Streams a request body upstream, enforcing ``server.max_body_size`` and ``body_timeout``.
+class RelayedResponse(web.StreamResponse):
+    """An upstream answer on its way back: aiohttp adds no Server or Content-Type to it."""
 
-    When the body fails, ``failure`` says why: the upstream request then fails too, and the
-    client is answered with this error instead of a misleading upstream one.
-    """
-
-    def __init__(self, content: aiohttp.StreamReader, limit: int, timeout: float) -> None:
-        self._content = content
-        self._limit = limit
-        self._timeout = timeout
-        self.failure: ProxyError | None = None
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive."""
-        size = 0
-        while True:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    chunk = await self._content.readany()
-            except TimeoutError:
-                self.failure = RequestTimeout(_BODY_TIMEOUT)
-                raise self.failure from None
-            except (aiohttp.ClientPayloadError, ConnectionError):
-                self.failure = BadRequest("the request body ended early or was malformed")
-                raise self.failure from None
-            if not chunk:
-                return
-            size += len(chunk)
-            if self._limit and size > self._limit:
-                self.failure = PayloadTooLarge(
-                    f"request body is over server.max_body_size ({self._limit})"
-                )
-                raise self.failure
-            yield chunk
-
-
-_BODY_TIMEOUT = "the client sent no body bytes within server.body_timeout"
-
-
-def _origin_form(target: str) -> str:
-    """The path and query of a request target, byte for byte.
-
-    An absolute-form target (``http://other.example/x``) keeps only its path and query: the
-    destination is always the configured upstream, whatever the client wrote.
-    """
-    if target.startswith("/"):
-        return target
-    scheme, sep, rest = target.partition("://")
-    if not sep or not scheme.isalpha():
-        raise BadRequest("the request target must be a path such as /projects")
-    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    path = rest[cut:]
-    return path if path.startswith("/") else "/" + path
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        had_type, had_server = "Content-Type" in headers, "Server" in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall("Content-Type", None)
+        if not had_server:
+            headers.popall("Server", None)
 
 
 def _reason(exc: aiohttp.ClientConnectorError) -> str:

@@ -45,6 +45,11 @@ class Metrics:
             "Requests retried once with a new token after the upstream answered 401.",
             registry=reg,
         )
+        self.token_rejections = Counter(
+            "sparks_proxy_token_rejections",
+            "Held tokens dropped because the upstream answered 401.",
+            registry=reg,
+        )
         self.token_requests = Counter(
             "sparks_proxy_token_requests",
             "Token endpoint requests, by result (ok or an error code).",

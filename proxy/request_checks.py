@@ -1,42 +1,120 @@
-"""What aiohttp's parser lets through but a proxy must not: checks on every parsed request.
+"""What a request must satisfy before anything answers it, and where it is routed.
 
 llhttp rejects most malformed framing on its own (CL with TE, bad chunk sizes, obs-fold, bare
 CR, ...; see tests/test_hardening.py). A proxy must also refuse what would be read one way here
-and another way upstream (RFC 9112 6.1, RFC 9110 7.2):
+and another way upstream (RFC 9112 6.1, RFC 9110 7.2), and what a browser could be tricked
+into sending to a proxy that holds a credential:
 
+- CONNECT (no tunnels);
 - versions other than HTTP/1.0 and HTTP/1.1 (``HTTP/0.9``, ``HTTP/2.0`` sent as text);
 - Transfer-Encoding on HTTP/1.0, and any transfer coding but a lone ``chunked`` (the proxy
   re-frames bodies, so a coding it does not decode would reach the upstream mislabelled);
-- a Host that is not ``host[:port]`` (userinfo, spaces, several values).
+- a Host that is not a single ``host[:port]``, or names a host not in ``server.allowed_hosts``
+  (DNS rebinding: a web page whose name now resolves to 127.0.0.1);
+- a browser's cross-site request (``Sec-Fetch-Site: cross-site``, or an ``Origin`` whose host
+  is not allowed): any page open in a browser could otherwise spend the proxy's token;
+- header values with bytes outside ASCII, which aiohttp would alter on the way through.
 """
 
 from __future__ import annotations
 
 import re
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .errors import BadRequest, UnsupportedTransferCoding, VersionNotSupported
+from .config import ServerSettings
+from .errors import (
+    BadRequest,
+    CrossSiteRequest,
+    MisdirectedRequest,
+    TunnelRefused,
+    UnsupportedTransferCoding,
+    VersionNotSupported,
+)
 
 _SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
 # RFC 3986 host (reg-name, IPv4 or IP-literal) and optional port; no userinfo.
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 
 
-def check_request(request: web.BaseRequest) -> None:
-    """Raise a :class:`~proxy.errors.ProxyError` if ``request`` must not be served."""
-    if request.version not in _SUPPORTED_VERSIONS:
-        raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
-    headers = request.headers
-    codings = headers.getall("Transfer-Encoding", ())
-    if codings:
-        if request.version == (1, 0):
-            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
-        parts = [part.strip().lower() for value in codings for part in value.split(",")]
-        if "" in parts:
-            raise BadRequest("the Transfer-Encoding header is malformed")
-        if parts != ["chunked"]:
-            raise UnsupportedTransferCoding("the only transfer coding supported is chunked")
-    hosts = headers.getall("Host", ())
-    if len(hosts) > 1 or (hosts and not _HOST.fullmatch(hosts[0])):
-        raise BadRequest("the Host header must be a single host[:port]")
+class RequestPolicy:
+    """The checks, with the allowed hosts from ``[server]`` worked out once."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        names = {name.strip().lower() for name in settings.allowed_hosts.split(",")}
+        names.discard("")
+        self._any_host = "*" in names
+        if settings.host not in ("0.0.0.0", "::", ""):  # noqa: S104 - compared, not bound
+            names.add(settings.host.lower())
+        # "[::1]" and "::1" name the same host; keep both spellings.
+        self._hosts = frozenset(names | {n.strip("[]") for n in names} | {f"[{n}]" for n in names})
+
+    def check(self, request: web.BaseRequest) -> str:
+        """The request's origin-form target; raise a ProxyError if it must not be served."""
+        if request.method == "CONNECT":
+            raise TunnelRefused("CONNECT is not supported: the proxy never opens a tunnel")
+        if request.version not in _SUPPORTED_VERSIONS:
+            raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
+        headers = request.headers
+        codings = headers.getall("Transfer-Encoding", ())
+        if codings:
+            if request.version == (1, 0):
+                raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
+            parts = [part.strip().lower() for value in codings for part in value.split(",")]
+            if "" in parts:
+                raise BadRequest("the Transfer-Encoding header is malformed")
+            if parts != ["chunked"]:
+                raise UnsupportedTransferCoding("the only transfer coding supported is chunked")
+        hosts = headers.getall("Host", ())
+        if len(hosts) > 1 or (hosts and not _HOST.fullmatch(hosts[0])):
+            raise BadRequest("the Host header must be a single host[:port]")
+        if hosts and not self._allowed(_hostname(hosts[0])):
+            raise MisdirectedRequest(
+                "this proxy does not serve that Host; use 127.0.0.1 or localhost, "
+                "or add the name to server.allowed_hosts"
+            )
+        if headers.get("Sec-Fetch-Site") == "cross-site" or not self._allowed_origin(
+            headers.get("Origin")
+        ):
+            raise CrossSiteRequest(
+                "browser requests from other sites may not use the proxy's credential"
+            )
+        for _, value in request.raw_headers:
+            if not value.isascii():
+                raise BadRequest("header values must be ASCII; the proxy would alter other bytes")
+        return origin_form(request.raw_path)
+
+    def _allowed(self, host: str) -> bool:
+        return self._any_host or host in self._hosts
+
+    def _allowed_origin(self, origin: str | None) -> bool:
+        if origin is None or self._any_host:
+            return True
+        try:
+            host = urlsplit(origin).hostname
+        except ValueError:
+            return False
+        return host is not None and self._allowed(host)
+
+
+def _hostname(host: str) -> str:
+    if host.startswith("["):
+        return host[: host.find("]") + 1].lower()
+    return host.rpartition(":")[0].lower() if ":" in host else host.lower()
+
+
+def origin_form(target: str) -> str:
+    """The path and query of a request target, byte for byte.
+
+    An absolute-form target (``http://other.example/x``) keeps only its path and query: the
+    destination is always the configured upstream, whatever the client wrote.
+    """
+    if target.startswith("/"):
+        return target
+    scheme, sep, rest = target.partition("://")
+    if not sep or not scheme.isalpha():
+        raise BadRequest("the request target must be a path such as /projects")
+    cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    path = rest[cut:]
+    return path if path.startswith("/") else "/" + path

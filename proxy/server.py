@@ -73,6 +73,13 @@ class Proxy:
     async def stop(self) -> None:
         """Fail readiness, stop accepting, let in-flight requests finish, close resources."""
         self.app[LIFECYCLE].draining = True
+        if self._runner is not None and self.settings.server.drain_delay:
+            # Still accepting: load balancers see readiness fail before connections are refused.
+            log.info(
+                "draining: readiness fails; closing the listener in %.1f s",
+                self.settings.server.drain_delay,
+            )
+            await asyncio.sleep(self.settings.server.drain_delay)
         if self._runner is not None:
             log.info(
                 "shutting down: waiting up to %.0f s for in-flight requests",

@@ -175,6 +175,8 @@ class StandInTokenServer(_LoopbackServer):
             return web.Response(body=b"", content_type="application/json")
         if failure == "no_token":
             return web.json_response({"token_type": "Bearer", "expires_in": 3600})
+        if failure == "deep_json":
+            return web.Response(body=b"[" * 100_000, content_type="application/json")
         if failure == "mac_token":
             return web.json_response({"access_token": "abc", "token_type": "mac"})
         if failure == "429":

@@ -38,7 +38,7 @@ PERMANENT_ERRORS = frozenset(
 )
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 # RFC 6750 b64token: what may follow "Bearer " in a header.
-_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +170,7 @@ def _parse(
             f"token endpoint answered {status} (a redirect); not followed, check auth.token_url",
         )
     payload: Any = None
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(ValueError, RecursionError):  # RecursionError: "[[[[..."
         payload = json.loads(raw)
     if status == 429:
         raise TokenError(
@@ -195,7 +195,7 @@ def _parse(
         kind = "an empty body" if not raw.strip() else "a body that is not JSON"
         raise TokenError("bad_token_response", f"token endpoint answered 200 with {kind}")
     value = payload.get("access_token")
-    if not isinstance(value, str) or not _B64TOKEN.fullmatch(value):
+    if not isinstance(value, str) or not B64TOKEN.fullmatch(value):
         raise TokenError("bad_token_response", "token endpoint answer has no usable access_token")
     token_type = payload.get("token_type", "Bearer")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
@@ -229,7 +229,9 @@ def _lifetime(expires_in: Any, value: str) -> float:
         if seconds is not None:
             log.warning("token endpoint sent expires_in=%r; ignoring it", expires_in)
         exp = _jwt_exp(value)
-        seconds = exp - time.time() if exp is not None else DEFAULT_LIFETIME
+        left = exp - time.time() if exp is not None else 0.0
+        # An exp already past says more about clock skew than about the token: ignore it.
+        seconds = left if left > 0 else DEFAULT_LIFETIME
     clamped = min(max(seconds, MIN_LIFETIME), MAX_LIFETIME)
     if clamped != seconds:
         log.warning("token lifetime %.0f s is out of range; using %.0f s", seconds, clamped)
@@ -242,7 +244,7 @@ def _jwt_exp(value: str) -> float | None:
         return None
     try:
         claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
+    except (ValueError, binascii.Error, RecursionError):
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
     return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None

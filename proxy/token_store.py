@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .token_endpoint import MIN_LIFETIME, CredentialIdentity, Token
+from .token_endpoint import B64TOKEN, MIN_LIFETIME, CredentialIdentity, Token
 
 log = logging.getLogger("sparks_proxy.tokens")
 
@@ -55,7 +55,11 @@ class TokenStore:
             entry.get("expires"),
             entry.get("lifetime"),
         )
-        if not (isinstance(value, str) and isinstance(expires, (int, float))):
+        if not (
+            isinstance(value, str)
+            and B64TOKEN.fullmatch(value)
+            and isinstance(expires, (int, float))
+        ):
             return None
         remaining = float(expires) - time.time()
         if remaining < MIN_LIFETIME:

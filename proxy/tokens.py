@@ -32,9 +32,14 @@ log = logging.getLogger("sparks_proxy.tokens")
 BACKOFF_BASE = 1.0
 MAX_RETRY_AFTER = 3600.0
 MAX_REFRESH_MARGIN = 300.0
-# A token the upstream rejects within this long of being issued is not replaced at once: the
-# upstream is refusing fresh tokens, and fetching more would only burn the issuer's quota.
-MIN_AGE_BEFORE_REPLACE = 1.0
+# A token must still be good for this long when it arrives, or the fetch counts as failed.
+MIN_USABLE = 1.0
+# Replacing a token the upstream rejected: at once the first time; if the replacement is
+# rejected young too, the upstream is refusing our tokens and each further replacement waits
+# twice as long (up to the cap), so a misconfigured audience cannot burn the issuer's quota.
+REPLACE_HOLD_OFF = 1.0
+MAX_REPLACE_HOLD_OFF = 300.0
+YOUNG = 60.0
 
 
 def _expiry(_key: object, token: Token, _now: float) -> float:
@@ -69,6 +74,8 @@ class TokenManager:
         self._obtained_at = 0.0
         self._failures = 0
         self._retry_at = 0.0
+        self._hold_off = 0.0
+        self._saving: asyncio.Task[None] | None = None
         self.last_error: TokenError | None = None
         """The most recent token failure, until a token is obtained again."""
         if metrics is not None:
@@ -94,17 +101,27 @@ class TokenManager:
         """Drop ``token`` after the upstream rejected it; True if a new one should be fetched.
 
         Only the held token is dropped: a request that raced a refresh must not evict the
-        fresh token. A token rejected right after it was issued is kept (see module docs).
+        fresh token. A token rejected soon after an earlier replacement is kept for a while
+        (see REPLACE_HOLD_OFF), and its request gets the upstream's 401.
         """
         if self._cache.get(self._key) is not token:
             return True
-        if time.monotonic() - self._obtained_at < MIN_AGE_BEFORE_REPLACE:
+        now = time.monotonic()
+        age = now - self._obtained_at
+        if age < self._hold_off:
             log.warning(
-                "upstream rejected a token issued under %.0f s ago; not replacing it yet",
-                MIN_AGE_BEFORE_REPLACE,
+                "upstream rejected a token issued %.1f s ago; next replacement in %.0f s",
+                age,
+                self._hold_off - age,
             )
             return False
+        if age < YOUNG:  # rejected young: the upstream may be refusing every token we get
+            self._hold_off = min(max(self._hold_off * 2, REPLACE_HOLD_OFF), MAX_REPLACE_HOLD_OFF)
+        else:
+            self._hold_off = 0.0
         log.info("upstream rejected the held token (401); fetching a new one")
+        if self._metrics is not None:
+            self._metrics.token_rejections.inc()
         self._cache.pop(self._key, None)
         self._wake.set()
         return True
@@ -125,12 +142,15 @@ class TokenManager:
         self._refresher = asyncio.create_task(self._refresh_loop(), name="token-refresher")
 
     async def close(self) -> None:
-        """Stop the refresher and any fetch in flight."""
+        """Stop the refresher and any fetch in flight; let a pending cache write finish."""
         for task in (self._refresher, self._inflight):
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, TokenError):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        if self._saving is not None:
+            with contextlib.suppress(Exception):
+                await self._saving
 
     def retry_after(self) -> float:
         """Seconds until the next token request is allowed (0 if it may go now)."""
@@ -177,9 +197,22 @@ class TokenManager:
     async def _fetch(self) -> Token:
         try:
             token = await self._endpoint.fetch()
+            if token.remaining() < MIN_USABLE:
+                # The answer took longer than the token lives (or its lifetime is in the
+                # past): using it would send an expired token, refetching at once would loop.
+                raise TokenError(
+                    "token_expired_on_arrival",
+                    f"the token endpoint issued a token good for {token.lifetime:.0f} s that had "
+                    "expired by the time the answer arrived",
+                )
         except TokenError as error:
             self._note_failure(error)
             raise
+        except Exception as exc:  # a bug must not stop token refreshes for good
+            log.error("unexpected error in a token request (%s)", type(exc).__name__)
+            failure = TokenError("bad_token_response", f"unexpected {type(exc).__name__}")
+            self._note_failure(failure)
+            raise failure from None
         finally:
             self._inflight = None
         self._failures = 0
@@ -192,11 +225,15 @@ class TokenManager:
             "obtained a token (expires in %.0f s, scope %r)", token.lifetime, token.scope or "-"
         )
         if self._store is not None:
-            try:
-                await asyncio.to_thread(self._store.save, token)
-            except OSError as exc:
-                log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
+            # Written in the background: waiters get the token without waiting on the disk.
+            self._saving = asyncio.create_task(self._save(self._store, token))
         return token
+
+    async def _save(self, store: TokenStore, token: Token) -> None:
+        try:
+            await asyncio.to_thread(store.save, token)
+        except OSError as exc:
+            log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
 
     def _note_failure(self, error: TokenError) -> None:
         self._failures += 1
@@ -232,5 +269,7 @@ class TokenManager:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), due - now)
                 continue
+            # Failures are noted by _fetch (which turns any error into a TokenError), and the
+            # backoff decides the next attempt: this loop outlives every failure.
             with contextlib.suppress(TokenUnavailable):
                 await self._fetch_shared()

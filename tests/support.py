@@ -21,7 +21,8 @@ def make_settings(
 ) -> Settings:
     """Validated settings pointing at the stand-ins; ``sections`` override single keys."""
     base = Settings(
-        server=ServerSettings(port=0),
+        # proxy.test and p: the Host names the raw-socket tests write.
+        server=ServerSettings(port=0, allowed_hosts="localhost,127.0.0.1,::1,proxy.test,p"),
         upstream=UpstreamSettings(url=upstream_server.url),
         auth=AuthSettings(
             token_url=token_source.token_url,
@@ -74,6 +75,3 @@ class LogCapture(logging.Handler):
 
     def text(self) -> str:
         return "\n".join(self.lines)
-
-
-ProxyFactory = Callable[..., AbstractAsyncContextManager[Proxy]]

@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from proxy.admin import PLACEHOLDER_TOKEN
+from proxy.app import TOKENS
 from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
@@ -145,3 +146,35 @@ async def test_sdk_token_endpoint_rejects_other_grants(
         proxy.url + "/-/oauth/token", json={"grant_type": "password"}
     ) as response:
         assert response.status == 400
+
+
+async def test_sdk_token_endpoint_bounds_what_it_reads(
+    proxy: Proxy, client: aiohttp.ClientSession
+) -> None:
+    """A deeply nested or oversized body is a JSON 400/413, never a 500."""
+    async with client.post(
+        proxy.url + "/-/oauth/token",
+        data=b"[" * 50_000,
+        headers={"Content-Type": "application/json"},
+    ) as response:
+        assert response.status == 400
+    async with client.post(proxy.url + "/-/oauth/token", data=b"x" * 200_000) as response:
+        assert response.status == 413
+        assert response.headers[ERROR_HEADER] == "payload_too_large"
+
+
+async def test_readiness_fails_first_during_a_drain(
+    start_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    """With a drain delay, /-/readyz answers 503 while the listener still accepts."""
+    async with start_proxy(server={"drain_delay": 1.0}) as proxy:
+        await wait_for(lambda: proxy.app[TOKENS].current() is not None)
+        stopping = asyncio.create_task(proxy.stop())
+        await asyncio.sleep(0.2)
+        async with client.get(proxy.url + "/-/readyz") as ready:
+            body = await ready.json()
+            assert ready.status == 503
+        async with client.get(proxy.url + "/-/healthz") as health:
+            assert health.status == 200
+        await stopping
+    assert body["checks"]["shutdown"]["ok"] is False

@@ -15,11 +15,12 @@ import aiohttp
 import pytest
 
 from proxy.app import TOKENS
+from proxy.config import ServerSettings
 from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
-from .rawhttp import RawRequest, RawUpstream, exchange, read_response
+from .rawhttp import RawRequest, RawUpstream, canned, exchange, read_response
 from .support import ProxyFactory, make_settings, wait_for, wait_ready
 
 POST = b"POST /x HTTP/1.1\r\nHost: p\r\n"
@@ -470,3 +471,128 @@ async def test_client_disconnects_free_everything(proxy: Proxy, upstream: StandI
     await wait_for(lambda: len(asyncio.all_tasks()) <= tasks, timeout=5)
     await asyncio.sleep(0.3)
     assert await _open_fds() <= fds + 4  # a few pooled upstream connections may stay open
+
+
+# --- browsers and DNS rebinding -----------------------------------------------------------------
+
+
+async def test_default_allowed_hosts_refuse_other_names(
+    token_server: StandInTokenServer, upstream: StandInUpstream
+) -> None:
+    """With the default allow-list, a rebinding page's Host gets 421; loopback names pass."""
+    settings = make_settings(
+        token_server, upstream, server={"allowed_hosts": ServerSettings().allowed_hosts}
+    )
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy)
+        evil = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: evil.example:8080\r\n\r\n")
+        answers = [
+            await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+            for host in (b"localhost:8080", b"127.0.0.1", b"[::1]:8080", b"LOCALHOST")
+        ]
+    assert evil.status == 421
+    assert evil.header(ERROR_HEADER) == ["host_not_allowed"]
+    assert [a.status for a in answers] == [200, 200, 200, 200]
+    assert len(upstream.received) == 4
+
+
+@pytest.mark.parametrize(
+    "browser",
+    [b"Origin: http://evil.example\r\n", b"Sec-Fetch-Site: cross-site\r\n", b"Origin: null\r\n"],
+    ids=["foreign-origin", "sec-fetch-cross-site", "null-origin"],
+)
+async def test_cross_site_browser_requests_are_refused(
+    proxy: Proxy, upstream: StandInUpstream, browser: bytes
+) -> None:
+    """A page on another site cannot spend the proxy's token: 403, nothing upstream."""
+    response = await exchange(
+        proxy.port,
+        b"POST /delete HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n" + browser + b"\r\n",
+    )
+    assert response.status == 403
+    assert response.header(ERROR_HEADER) == ["cross_site_request"]
+    assert upstream.received == []
+
+
+async def test_same_site_browser_requests_pass(proxy: Proxy, upstream: StandInUpstream) -> None:
+    """A local dev app (Origin on an allowed host, same-site fetch) may use the proxy."""
+    response = await exchange(
+        proxy.port,
+        b"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: http://localhost:3000\r\n"
+        b"Sec-Fetch-Site: same-site\r\n\r\n",
+    )
+    assert response.status == 200
+    assert len(upstream.received) == 1
+
+
+async def test_absolute_form_to_a_reserved_path_is_not_forwarded(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """``GET http://x/-/metrics`` is the proxy's own path, never the upstream's."""
+    response = await exchange(proxy.port, b"GET http://p/-/metrics HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert response.status == 200
+    assert b"sparks_proxy_requests_total" in response.body
+    assert upstream.received == []
+
+
+async def test_unsupported_expect_is_417_even_without_a_body(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """Only 100-continue is understood; anything else is refused whatever the body."""
+    response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\nExpect: foo\r\n\r\n")
+    assert response.status == 417
+    assert upstream.received == []
+
+
+async def test_connection_closes_after_an_upgrade_request(proxy: Proxy) -> None:
+    """After a request that asked to upgrade, the connection is closed, not reused."""
+    answer = await _send_and_read_to_close(
+        proxy.port,
+        b"GET /ws HTTP/1.1\r\nHost: p\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    # _send_and_read_to_close reads to EOF: reaching it means the proxy closed the connection.
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
+async def test_non_ascii_request_header_is_refused(proxy: Proxy, upstream: StandInUpstream) -> None:
+    """aiohttp would alter such bytes on the way through; the proxy refuses instead."""
+    response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\nX-A: caf\xe9!\r\n\r\n")
+    assert response.status == 400
+    assert upstream.received == []
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-A: caf\xe9!\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    ],
+    ids=["non-ascii-header", "unsolicited-101"],
+)
+async def test_upstream_answers_the_proxy_cannot_relay_faithfully_are_502(
+    token_server: StandInTokenServer, answer: bytes
+) -> None:
+    """Bytes aiohttp would alter, or a protocol switch: 502 rather than a changed answer."""
+    async with (
+        RawUpstream(canned(answer, close=True)) as raw,
+        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
+    ):
+        await wait_ready(proxy)
+        response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert response.status == 502
+
+
+async def test_relayed_answers_gain_no_server_or_content_type(
+    token_server: StandInTokenServer,
+) -> None:
+    """What the upstream did not send, the client does not get (Date excepted)."""
+    async with (
+        RawUpstream(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as raw,
+        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
+    ):
+        await wait_ready(proxy)
+        response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
+    names = {name.lower() for name, _ in response.headers}
+    assert "server" not in names
+    assert "content-type" not in names
+    assert response.body == b"ok"

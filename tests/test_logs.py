@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -129,3 +130,36 @@ async def test_malformed_request_is_answered_without_echo(
     assert json.loads(response.body)["error"] == "bad_request"
     assert b"leak-me" not in response.body
     assert "leak-me" not in buffer.getvalue()
+
+
+async def test_encoded_line_breaks_cannot_forge_log_lines(
+    start_proxy: ProxyFactory, configure_logs: Configure
+) -> None:
+    """A path with %0d%0a is logged as sent (raw), never decoded into a second line."""
+    buffer = configure_logs(format="text", level="info")
+    async with start_proxy() as proxy:
+        await wait_ready(proxy)
+        await exchange(
+            proxy.port,
+            b"GET /x%0d%0a2026-01-01%20ERROR%20sparks_proxy.tokens:%20FORGED HTTP/1.1\r\n"
+            b"Host: p\r\n\r\n",
+        )
+        lines = await _lines(buffer, "sparks_proxy.access")
+    assert not any(line.startswith("2026-01-01 ERROR") for line in buffer.getvalue().splitlines())
+    assert "%0d%0a" in lines[0]
+
+
+async def test_a_hang_up_mid_answer_is_logged_as_499(
+    start_proxy: ProxyFactory, configure_logs: Configure
+) -> None:
+    """An exchange cut short still gets its access line, with nginx's 499."""
+    buffer = configure_logs(format="json", level="info")
+    async with start_proxy() as proxy:
+        await wait_ready(proxy)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: p\r\n\r\n")
+        await writer.drain()
+        await reader.readexactly(100_000)
+        writer.transport.abort()
+        lines = await _lines(buffer, '"/bytes/50000000"')
+    assert json.loads(lines[0])["status"] == 499

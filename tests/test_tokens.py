@@ -370,3 +370,55 @@ def test_token_error_text_never_holds_the_secret() -> None:
         )
     assert DEMO_CLIENT_SECRET not in str(caught.value)
     assert caught.value.permanent
+
+
+async def test_token_expired_on_arrival_is_a_failure_not_a_loop(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    client: aiohttp.ClientSession,
+) -> None:
+    """A 2 s token that takes 2.5 s to arrive is never used, and fetching backs off."""
+    token_server.expires_in = 2
+    token_server.delay = 2.5
+    async with start_proxy(auth={"max_backoff": 30.0}) as proxy:
+        tokens = proxy.app[TOKENS]
+        await wait_for(lambda: tokens.last_error is not None, timeout=5)
+        assert tokens.last_error is not None
+        assert tokens.last_error.code == "token_expired_on_arrival"
+        async with client.get(proxy.url + "/x") as response:
+            assert response.status == 503
+        await asyncio.sleep(1.0)
+    assert upstream.received == []
+    assert len(token_server.requests) <= 2
+
+
+async def test_refresher_survives_an_unexpected_failure(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer, client: aiohttp.ClientSession
+) -> None:
+    """A body that breaks the JSON parser (deeply nested) is a named failure, then recovery."""
+    token_server.failures = ["deep_json"]
+    async with start_proxy() as proxy:
+        tokens = proxy.app[TOKENS]
+        await wait_for(lambda: tokens.last_error is not None)
+        assert tokens.last_error is not None
+        assert tokens.last_error.code == "bad_token_response"
+        await wait_ready(proxy, timeout=5)  # the next attempt, after the backoff, succeeds
+        async with client.get(proxy.url + "/x") as response:
+            assert response.status == 200
+
+
+async def test_upstream_refusing_every_token_gets_fewer_and_fewer(
+    proxy: Proxy, upstream: StandInUpstream, token_server: StandInTokenServer
+) -> None:
+    """Every token rejected: replacements wait 1, 2, 4 ... s, not one token per request."""
+    upstream.reject_all = True
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    statuses = set()
+    while loop.time() - started < 4.0:
+        statuses.add((await exchange(proxy.port, GET)).status)
+        await asyncio.sleep(0.05)
+    assert statuses == {401}
+    # At ~0 s (first token), ~0 s (first replacement), ~1 s and ~3 s: four in four seconds.
+    assert 3 <= len(token_server.issued) <= 5

@@ -1,0 +1,58 @@
+"""Request bodies, read with limits: whole (small, replayable) or streamed (anything else).
+
+Every read waits at most ``server.body_timeout`` for the next bytes and stops at a size
+limit, so a client can neither hold a connection by trickling nor exhaust memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+
+from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout
+
+BODY_TIMEOUT = "the client sent no body bytes within server.body_timeout"
+TRUNCATED = "the request body ended early or was malformed"
+
+
+async def read_whole(content: aiohttp.StreamReader, *, limit: int, read_timeout: float) -> bytes:
+    """The whole body, at most ``limit`` bytes (413 above), each read within ``read_timeout``."""
+    body = StreamedBody(content, limit, read_timeout)
+    return b"".join([chunk async for chunk in body.chunks()])
+
+
+class StreamedBody:
+    """A body streamed upstream as it arrives: ``limit`` bytes at most, ``read_timeout`` per read.
+
+    When the body fails, ``failure`` says why (it is also raised): the upstream request then
+    fails too, and the client is answered with this error instead of a misleading upstream one.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int, read_timeout: float) -> None:
+        self._content = content
+        self._limit = limit
+        self._read_timeout = read_timeout
+        self.failure: ProxyError | None = None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive; ``limit`` 0 means no size limit."""
+        size = 0
+        while True:
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    chunk = await self._content.readany()
+            except TimeoutError:
+                self.failure = RequestTimeout(BODY_TIMEOUT)
+                raise self.failure from None
+            except (aiohttp.ClientPayloadError, ConnectionError):
+                self.failure = BadRequest(TRUNCATED)
+                raise self.failure from None
+            if not chunk:
+                return
+            size += len(chunk)
+            if self._limit and size > self._limit:
+                self.failure = PayloadTooLarge(f"the request body is over {self._limit} bytes")
+                raise self.failure
+            yield chunk
