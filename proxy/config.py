@@ -400,7 +400,7 @@ def _check_url(name: str, url: str, *, allow_path: bool) -> str:
         raise ConfigError(f"{name}: expected a URL without query, fragment or userinfo")
     if parts.path not in ("", "/") and not allow_path:
         raise ConfigError(f"{name}: expected a URL without a path, got {url!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
         # The token (or the secret) would cross the network in the clear.
         raise ConfigError(
             f"{name}: plain http is allowed only for loopback hosts; expected https://, got {url!r}"
@@ -408,7 +408,8 @@ def _check_url(name: str, url: str, *, allow_path: bool) -> str:
     return url.rstrip("/")
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or address) is this machine's loopback."""
     if host == "localhost":
         return True
     try:

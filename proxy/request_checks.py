@@ -69,7 +69,7 @@ class RequestPolicy:
         hosts = headers.getall("Host", ())
         if len(hosts) > 1 or (hosts and not _HOST.fullmatch(hosts[0])):
             raise BadRequest("the Host header must be a single host[:port]")
-        if hosts and not self._allowed(_hostname(hosts[0])):
+        if hosts and not self.allows_host(hosts[0]):
             raise MisdirectedRequest(
                 "this proxy does not serve that Host; use 127.0.0.1 or localhost, "
                 "or add the name to server.allowed_hosts"
@@ -85,8 +85,12 @@ class RequestPolicy:
                 raise BadRequest("header values must be ASCII; the proxy would alter other bytes")
         return origin_form(request.raw_path)
 
-    def _allowed(self, host: str) -> bool:
-        return self._any_host or host in self._hosts
+    def allows_host(self, host: str) -> bool:
+        """Whether a ``Host`` header value (``name[:port]``) names a host this proxy serves."""
+        return self._allowed(_hostname(host))
+
+    def _allowed(self, name: str) -> bool:
+        return self._any_host or name in self._hosts
 
     def _allowed_origin(self, origin: str | None) -> bool:
         if origin is None or self._any_host:
