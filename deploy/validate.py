@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import dataclasses
 import os
 import re
 import shutil
@@ -888,7 +887,7 @@ def _uncomment(first: str, last: str) -> FileEdit:
     return edit
 
 
-def _file_edits(checks_host: bool) -> list[tuple[str, str, str, FileEdit]]:
+def _file_edits() -> list[tuple[str, str, str, FileEdit]]:
     """Edits made in a copy of the files, so rendering is part of what is tested:
     (what, expected message or "" for none at all, file under the root, the edit)."""
     return [
@@ -905,20 +904,16 @@ def _file_edits(checks_host: bool) -> list[tuple[str, str, str, FileEdit]]:
             _uncomment("# patches:", "- path: token-cache-redis.patch.yaml"),
         ),
         (
-            "the shared variant's allowed-hosts block enabled"
-            + (" (this proxy has the setting: must pass)" if checks_host else ""),
-            "" if checks_host else "SPARKS_PROXY_SERVER_ALLOWED_HOSTS: unknown setting",
+            "the shared variant without its allowed-hosts entry",
+            "server.allowed_hosts does not allow",
             "shared/deployment.yaml",
-            _uncomment("# - name: POD_NAMESPACE", "value: localhost,127.0.0.1,sparks-proxy"),
+            _replace("- name: SPARKS_PROXY_SERVER_ALLOWED_HOSTS", "- name: UNUSED_ALLOWED_HOSTS"),
         ),
     ]
 
 
 def self_test(kubectl: Path, root: Path, versions: list[str]) -> list[str]:
     """Break the manifests one way at a time; each break must be reported."""
-    from proxy import config
-
-    checks_host = "allowed_hosts" in {f.name for f in dataclasses.fields(config.ServerSettings)}
     base, problems = render_all(kubectl, root)
     if problems or check(base, []):
         return ["self-test: the unbroken manifests do not pass"]
@@ -932,21 +927,20 @@ def self_test(kubectl: Path, root: Path, versions: list[str]) -> list[str]:
         if not ok:
             failures.append(f"self-test: '{label}' expected {expected or 'no problems'!r}")
 
-    mutations = _mutations()
-    if checks_host:
-        mutations.append(
-            (
-                "probe without a Host header",
-                "server.allowed_hosts does not allow",
-                lambda r: _proxy_of(r, "sidecar")[1]["livenessProbe"]["httpGet"].pop("httpHeaders"),
-            )
-        )
+    mutations = [
+        *_mutations(),
+        (
+            "probe without a Host header",
+            "server.allowed_hosts does not allow",
+            lambda r: _proxy_of(r, "sidecar")[1]["livenessProbe"]["httpGet"].pop("httpHeaders"),
+        ),
+    ]
     for label, expected, mutate in mutations:
         broken = copy.deepcopy(base)
         mutate(broken)
         schema = versions if "schema" in expected or "unexpected" in expected else []
         verdict(label, expected, check(broken, schema))
-    for label, expected, relative, edit in _file_edits(checks_host):
+    for label, expected, relative, edit in _file_edits():
         with tempfile.TemporaryDirectory(prefix="sparks-validate-") as tmp:
             copy_root = Path(tmp) / "kubernetes"
             shutil.copytree(root, copy_root)

@@ -22,6 +22,7 @@ from .server import Proxy, run
 from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
 from .token_store import TokenStore
+from .workers import serve_workers
 
 EXIT_TOKEN_FAILED = 1
 EXIT_CONFIG = 2
@@ -39,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     listen = argparse.ArgumentParser(add_help=False)
     listen.add_argument("--host", help="address to listen on (server.host)")
     listen.add_argument("--port", type=int, help="port to listen on (server.port)")
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument(
+        "--workers", type=int, help="processes sharing the port and one token (server.workers)"
+    )
 
     parser = argparse.ArgumentParser(
         prog="sparks-proxy",
@@ -47,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sparks-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("serve", parents=[common, listen], help="run the proxy")
+    commands.add_parser("serve", parents=[common, listen, workers], help="run the proxy")
     commands.add_parser(
         "check",
         parents=[common],
@@ -68,6 +73,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     overrides: dict[str, Any] = {
         "server.host": getattr(args, "host", None),
         "server.port": getattr(args, "port", None),
+        "server.workers": getattr(args, "workers", None),
         "log.level": args.log_level,
         "log.format": args.log_format,
     }
@@ -80,7 +86,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_CONFIG
     logs.configure(settings.log)
     try:
-        if args.command == "serve":
+        if args.command == "serve" and settings.server.workers > 1:
+            serve_workers(settings, settings.server.workers)
+        elif args.command == "serve":
             asyncio.run(run(settings))
         elif args.command == "demo":
             asyncio.run(_demo(settings))

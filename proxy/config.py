@@ -61,6 +61,8 @@ class ServerSettings:
 
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1
+    """Processes serving the port together (SO_REUSEPORT), sharing one token."""
     allowed_hosts: str = "localhost,127.0.0.1,::1"
     """Comma-separated Host names served (421 for others; "*" for any): defeats DNS rebinding."""
     shutdown_grace: float = 10.0

@@ -29,8 +29,9 @@ class Proxy:
     ``async with Proxy(settings) as proxy:`` serves on ``proxy.url`` until the block ends.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
         self.settings = settings
+        self._reuse_port = reuse_port
         self.app = create_app(settings)
         self._runner: web.ServerRunner | None = None
         self._started_app = False
@@ -58,7 +59,9 @@ class Proxy:
         )
         await self._runner.setup()
         server_settings = self.settings.server
-        site = web.TCPSite(self._runner, server_settings.host, server_settings.port)
+        site = web.TCPSite(
+            self._runner, server_settings.host, server_settings.port, reuse_port=self._reuse_port
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -108,13 +111,18 @@ class Proxy:
         await self.stop()
 
 
-async def run(settings: Settings, on_ready: Callable[[Proxy], None] | None = None) -> None:
+async def run(
+    settings: Settings,
+    on_ready: Callable[[Proxy], None] | None = None,
+    *,
+    reuse_port: bool = False,
+) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with Proxy(settings) as proxy:
+    async with Proxy(settings, reuse_port=reuse_port) as proxy:
         if on_ready is not None:
             on_ready(proxy)
         await stop.wait()

@@ -1,19 +1,24 @@
-"""The optional on-disk token cache (``auth.token_cache_file``).
+"""The on-disk token cache (``auth.token_cache_file``), shared by every process that uses it.
 
 A restart must not cost a new token: issuers count every machine-to-machine token. The file
 holds one entry per credential fingerprint (a hash of token_url, client_id, audience and scope,
-never the secret), is written atomically with mode 0600, and is read once at start-up.
+never the secret) and is written atomically with mode 0600. Beside it, ``<file>.lock`` is an
+advisory lock: a process takes it before fetching, then re-reads the file, so workers and
+restarts sharing the file make one token request between them, not one each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +76,31 @@ class TokenStore:
             lifetime=float(lifetime) if isinstance(lifetime, (int, float)) else remaining,
             scope=scope if isinstance(scope, str) else "",
         )
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, wait: float) -> AsyncIterator[bool]:
+        """Hold the file's lock for the block; yield whether it was had within ``wait`` s.
+
+        Polls a non-blocking ``flock`` so the wait stays cancellable. When the wait runs out
+        (a holder that hangs) the caller goes on without it: a token request too many beats
+        no token at all.
+        """
+        fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + wait
+            locked = False
+            while not locked:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        log.warning("token cache lock busy for %.0f s; fetching anyway", wait)
+                        break
+                    await asyncio.sleep(0.02)
+            yield locked
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
 
     def save(self, token: Token) -> None:
         """Store ``token`` for this credential; drop other credentials' expired entries."""

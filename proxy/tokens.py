@@ -8,11 +8,14 @@
   with a little jitter) before expiry, so the current token serves while its successor is fetched.
 - Failures back off exponentially with jitter, capped at ``auth.max_backoff``; a server's
   ``Retry-After`` is honoured; bad-credential errors wait the full cap instead of hammering.
+- With a token cache file, a fetch first takes the file's lock and re-reads it: processes
+  sharing the file (``--workers``, restarts) make one token request between them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -75,7 +78,7 @@ class TokenManager:
         self._failures = 0
         self._retry_at = 0.0
         self._hold_off = 0.0
-        self._saving: asyncio.Task[None] | None = None
+        self._rejected: collections.deque[str] = collections.deque(maxlen=4)
         self.last_error: TokenError | None = None
         """The most recent token failure, until a token is obtained again."""
         if metrics is not None:
@@ -120,6 +123,7 @@ class TokenManager:
         else:
             self._hold_off = 0.0
         log.info("upstream rejected the held token (401); fetching a new one")
+        self._rejected.append(token.value)  # never adopt it again from a shared cache file
         if self._metrics is not None:
             self._metrics.token_rejections.inc()
         self._cache.pop(self._key, None)
@@ -142,15 +146,12 @@ class TokenManager:
         self._refresher = asyncio.create_task(self._refresh_loop(), name="token-refresher")
 
     async def close(self) -> None:
-        """Stop the refresher and any fetch in flight; let a pending cache write finish."""
+        """Stop the refresher and any fetch in flight."""
         for task in (self._refresher, self._inflight):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._saving is not None:
-            with contextlib.suppress(Exception):
-                await self._saving
 
     def retry_after(self) -> float:
         """Seconds until the next token request is allowed (0 if it may go now)."""
@@ -196,15 +197,11 @@ class TokenManager:
 
     async def _fetch(self) -> Token:
         try:
-            token = await self._endpoint.fetch()
-            if token.remaining() < MIN_USABLE:
-                # The answer took longer than the token lives (or its lifetime is in the
-                # past): using it would send an expired token, refetching at once would loop.
-                raise TokenError(
-                    "token_expired_on_arrival",
-                    f"the token endpoint issued a token good for {token.lifetime:.0f} s that had "
-                    "expired by the time the answer arrived",
-                )
+            if self._store is None:
+                token = await self._request_token()
+            else:
+                async with self._store.exclusive(wait=self._auth.timeout + 5):
+                    token = self._shared_token() or await self._request_token(self._store)
         except TokenError as error:
             self._note_failure(error)
             raise
@@ -219,21 +216,47 @@ class TokenManager:
         self._retry_at = 0.0
         self.last_error = None
         self._hold(token)
+        return token
+
+    def _shared_token(self) -> Token | None:
+        """The token another process (or an earlier run) stored, if it is not due for refresh."""
+        assert self._store is not None
+        stored = self._store.load()
+        if (
+            stored is None
+            or stored.value in self._rejected
+            or stored.expires_at - self._margin(stored) <= time.monotonic()
+        ):
+            return None
+        held = self.current()
+        if held is None or held.value != stored.value:
+            log.info(
+                "using the token another process obtained (expires in %.0f s)", stored.remaining()
+            )
+        return stored
+
+    async def _request_token(self, store: TokenStore | None = None) -> Token:
+        """Ask the token endpoint; with ``store``, save the token before the lock is let go."""
+        token = await self._endpoint.fetch()
+        if token.remaining() < MIN_USABLE:
+            # The answer took longer than the token lives (or its lifetime is in the past):
+            # using it would send an expired token, refetching at once would loop.
+            raise TokenError(
+                "token_expired_on_arrival",
+                f"the token endpoint issued a token good for {token.lifetime:.0f} s that had "
+                "expired by the time the answer arrived",
+            )
         if self._metrics is not None:
             self._metrics.token_requests.labels("ok").inc()
         log.info(
             "obtained a token (expires in %.0f s, scope %r)", token.lifetime, token.scope or "-"
         )
-        if self._store is not None:
-            # Written in the background: waiters get the token without waiting on the disk.
-            self._saving = asyncio.create_task(self._save(self._store, token))
+        if store is not None:
+            try:
+                await asyncio.to_thread(store.save, token)
+            except OSError as exc:
+                log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
         return token
-
-    async def _save(self, store: TokenStore, token: Token) -> None:
-        try:
-            await asyncio.to_thread(store.save, token)
-        except OSError as exc:
-            log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
 
     def _note_failure(self, error: TokenError) -> None:
         self._failures += 1

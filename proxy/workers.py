@@ -1,0 +1,142 @@
+"""``serve --workers N``: N proxy processes on one port, one token between them.
+
+Each worker is a whole proxy (its own event loop, listener and upstream pool) bound with
+SO_REUSEPORT, so the kernel spreads connections across them. They share one token through the
+token cache file and its lock (:mod:`proxy.token_store`): the first worker to need a token
+fetches it, the others read it. Without a configured ``auth.token_cache_file`` the supervisor
+makes a private one (mode 0700 directory) and removes it at exit.
+
+The supervisor only watches: a worker that dies is restarted (after 1 s, doubling to 30 s
+while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, which drains as a
+single proxy does, and the supervisor exits 0 once they have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from . import logs
+from .config import Settings
+from .errors import ConfigError
+
+log = logging.getLogger("sparks_proxy.workers")
+
+RESTART_DELAY = 1.0
+MAX_RESTART_DELAY = 30.0
+STABLE_AFTER = 60.0  # a worker that lived this long resets the restart delay
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _worker(settings: Settings, index: int, supervisor: int) -> None:
+    """A worker process: one proxy sharing the port, until SIGTERM/SIGINT."""
+    from .server import run  # imported here: the spawned process starts clean
+
+    _stop_with(supervisor)
+    logs.configure(settings.log)
+    log.info("worker %d (pid %d) starting", index, os.getpid())
+    asyncio.run(run(settings, reuse_port=True))
+
+
+def serve_workers(settings: Settings, count: int) -> None:
+    """Run ``count`` workers until a signal, restarting any that die."""
+    if settings.server.port == 0:
+        raise ConfigError("server.workers: needs a fixed server.port (workers share it)")
+    private_dir = None
+    if not settings.auth.token_cache_file:
+        private_dir = tempfile.mkdtemp(prefix="sparks-proxy-")  # mode 0700
+        settings = dataclasses.replace(
+            settings,
+            auth=dataclasses.replace(
+                settings.auth, token_cache_file=str(Path(private_dir, "token.json"))
+            ),
+        )
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    context = multiprocessing.get_context("spawn")
+    workers: dict[int, tuple[BaseProcess, float]] = {}
+    delays = dict.fromkeys(range(count), RESTART_DELAY)
+    restart_at: dict[int, float] = {}
+    try:
+        for index in range(count):
+            workers[index] = _start(context, settings, index)
+        while not stopping:
+            now = time.monotonic()
+            for index, due in list(restart_at.items()):
+                if now >= due:
+                    del restart_at[index]
+                    workers[index] = _start(context, settings, index)
+            for index, (process, started) in list(workers.items()):
+                if process.is_alive():
+                    continue
+                del workers[index]
+                lived = now - started
+                delays[index] = (
+                    RESTART_DELAY
+                    if lived >= STABLE_AFTER
+                    else min(delays[index] * 2, MAX_RESTART_DELAY)
+                )
+                log.error(
+                    "worker %d (pid %s) exited with status %s after %.0f s; restarting in %.0f s",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                    lived,
+                    delays[index],
+                )
+                restart_at[index] = now + delays[index]
+            sentinels = [process.sentinel for process, _ in workers.values()]
+            multiprocessing.connection.wait(sentinels, timeout=0.2)
+        log.info("stopping %d workers", len(workers))
+        for process, _ in workers.values():
+            if process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = (
+            time.monotonic() + settings.server.drain_delay + settings.server.shutdown_grace + 5
+        )
+        for process, _ in workers.values():
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker pid %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if private_dir is not None:
+            shutil.rmtree(private_dir, ignore_errors=True)
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel send SIGTERM if the supervisor dies, so no worker outlives it."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != supervisor:  # it died before the line above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _start(
+    context: multiprocessing.context.SpawnContext, settings: Settings, index: int
+) -> tuple[BaseProcess, float]:
+    process = context.Process(
+        target=_worker, args=(settings, index, os.getpid()), name=f"worker-{index}"
+    )
+    process.start()
+    return process, time.monotonic()

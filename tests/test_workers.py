@@ -1,0 +1,123 @@
+"""``serve --workers N``: processes sharing a port and one token, restarted when they die."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+
+from proxy.standins import StandInTokenServer, StandInUpstream
+
+from .test_cli import (
+    api,
+    auth_config,
+    cli_env,
+    cli_process,
+    finish,
+    free_port,
+    issuer,
+    poll,
+    wait_ready,
+)
+
+__all__ = ["api", "issuer"]  # fixtures, re-used
+
+
+def children(pid: int) -> set[int]:
+    """The live worker processes of supervisor ``pid`` (not multiprocessing's own helpers)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    found = set()
+    for child in path.read_text().split() if path.exists() else ():
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmdline:
+            found.add(int(child))
+    return found
+
+
+async def test_workers_share_one_token_and_survive_a_crash(
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream
+) -> None:
+    """Two workers, a cold burst of 300 requests: one token request; a killed worker returns."""
+    issuer.delay = 0.3  # a slow issuer: both workers want a token at the same time
+    port = free_port()
+    config = auth_config(
+        tmp_path,
+        issuer,
+        extra=f'[upstream]\nurl = "{api.url}"\n[log]\naccess = false\n',
+    )
+    url = f"http://127.0.0.1:{port}"
+    args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
+    async with cli_process(args, tmp_path, cli_env()) as proc:
+        await wait_ready(proc, url)
+        await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        async with aiohttp.ClientSession() as session:
+
+            async def one(i: int) -> int:
+                async with session.get(f"{url}/burst/{i}") as response:
+                    await response.read()
+                    return response.status
+
+            statuses = await asyncio.gather(*(one(i) for i in range(300)))
+            assert statuses == [200] * 300
+            assert len(issuer.requests) == 1
+
+            victim = min(children(proc.pid))
+            os.kill(victim, signal.SIGKILL)
+            # The other worker keeps serving while the supervisor starts a replacement.
+            assert await one(1000) == 200
+            await poll(
+                lambda: _async(len(children(proc.pid)) == 2 and victim not in children(proc.pid)),
+                15,
+                "a replacement worker",
+            )
+            await wait_ready(proc, url)
+            statuses = await asyncio.gather(*(one(i) for i in range(100)))
+            assert statuses == [200] * 100
+        # The replacement read the shared token instead of fetching its own.
+        assert len(issuer.requests) == 1
+        survivors = children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        status, _, stderr = await finish(proc, 20)
+    assert status == 0, stderr
+    assert "Traceback" not in stderr
+    assert not any(Path(f"/proc/{pid}").exists() for pid in survivors)
+
+
+async def test_workers_need_a_fixed_port(tmp_path: Path, issuer: StandInTokenServer) -> None:
+    """``--workers`` with port 0 is a configuration error (they could not share it)."""
+    config = auth_config(tmp_path, issuer)
+    args = ["serve", "--config", config, "--port", "0", "--workers", "2"]
+    async with cli_process(args, tmp_path, cli_env()) as proc:
+        status, _, stderr = await finish(proc, 20)
+    assert status == 2
+    assert "server.workers" in stderr
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_workers_do_not_outlive_a_killed_supervisor(
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream
+) -> None:
+    """SIGKILL to the supervisor: the kernel stops its workers too; nothing keeps the port."""
+    port = free_port()
+    config = auth_config(tmp_path, issuer, extra=f'[upstream]\nurl = "{api.url}"\n')
+    args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
+    async with cli_process(args, tmp_path, cli_env()) as proc:
+        await wait_ready(proc, f"http://127.0.0.1:{port}")
+        await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        workers = children(proc.pid)
+        proc.kill()
+        await proc.wait()
+        await poll(
+            lambda: _async(not any(Path(f"/proc/{pid}").exists() for pid in workers)),
+            10,
+            "the workers to stop",
+        )
