@@ -7,7 +7,6 @@ Exit status: 0 success; 1 the token endpoint refused or failed (``check``, ``tok
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import sys
 import time
@@ -18,7 +17,7 @@ from . import __version__, config, logs
 from .app import client_session
 from .config import Secret, Settings
 from .errors import ConfigError, TokenError
-from .server import Proxy, run
+from .server import Proxy, run, run_loop
 from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
 from .token_store import TokenStore
@@ -89,11 +88,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.command == "serve" and settings.server.workers > 1:
             serve_workers(settings, settings.server.workers)
         elif args.command == "serve":
-            asyncio.run(run(settings))
+            run_loop(run(settings))
         elif args.command == "demo":
-            asyncio.run(_demo(settings))
+            run_loop(_demo(settings))
         elif args.command == "check":
-            token = asyncio.run(_fetch(settings, use_store=False))
+            token = run_loop(_fetch(settings, use_store=False))
             print(
                 f"ok: {settings.auth.token_url} issued a token for client "
                 f"{settings.auth.client_id!r}: expires in {token.lifetime:.0f} s (at "
@@ -101,7 +100,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 f"), scope {token.scope or '(none)'!r}"
             )
         else:
-            print(asyncio.run(_fetch(settings, use_store=True)).value)
+            print(run_loop(_fetch(settings, use_store=True)).value)
     except TokenError as error:
         print(f"sparks-proxy: token request failed: {error.code}: {error.detail}", file=sys.stderr)
         return EXIT_TOKEN_FAILED

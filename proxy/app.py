@@ -52,7 +52,11 @@ def create_app(settings: Settings) -> web.Application:
 def client_session(settings: Settings) -> aiohttp.ClientSession:
     """The one upstream/token-endpoint session, with a proxy's defaults, not a browser's."""
     upstream = settings.upstream
-    ssl_context = ssl.create_default_context(cafile=upstream.ca_file or None)
+    # aiohttp's own verified context serves unless a private CA is added (one less CA-store
+    # load at start-up).
+    ssl_context: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=upstream.ca_file) if upstream.ca_file else True
+    )
     connector = aiohttp.TCPConnector(
         limit=0,  # the forwarder bounds upstream concurrency itself (upstream.pool_size)
         ssl=ssl_context,  # always verified; ca_file adds a private CA

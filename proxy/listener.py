@@ -50,18 +50,23 @@ class ProxyRequestHandler(RequestHandler):
             self._refuse(_TOO_MANY_CONNECTIONS)
 
     def data_received(self, data: bytes) -> None:
-        """Feed the parser; time how long the client takes to send a whole request head."""
-        if self._head_timer is None and not self._request_in_progress:
+        """Feed the parser; time how long the client takes to send a whole request head.
+
+        The timer starts only when bytes arrive that do not yet make a whole request: the
+        common case, a head in one read, costs no timer at all.
+        """
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and not self._request_in_progress:
             manager = self._manager
             assert isinstance(manager, ProxyServer)
             self._head_timer = self._loop.call_later(
                 manager.limits.header_timeout, self._head_timed_out
             )
-        parsed = self._request_count
-        super().data_received(data)
-        if self._request_count != parsed and self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Forget the head timer with the connection."""

@@ -72,6 +72,7 @@ class Metrics:
             registry=reg,
         )
         self.tasks.set_function(_task_count)
+        self._request_counters: dict[tuple[str, int], Counter] = {}
 
     def watch_token(self, remaining: Callable[[], float]) -> None:
         """Report ``remaining()`` as the token expiry gauge at every scrape."""
@@ -79,7 +80,12 @@ class Metrics:
 
     def count_request(self, method: str, status: int, seconds: float) -> None:
         """Record one answered request."""
-        self.requests.labels(method if method in KNOWN_METHODS else "OTHER", str(status)).inc()
+        key = (method, status)
+        counter = self._request_counters.get(key)
+        if counter is None:  # labels() once per (method, status), not once per request
+            label = method if method in KNOWN_METHODS else "OTHER"
+            counter = self._request_counters[key] = self.requests.labels(label, str(status))
+        counter.inc()
         self.request_duration.observe(seconds)
 
 

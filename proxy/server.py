@@ -8,10 +8,13 @@ seconds to finish, then the app's resources close and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
+import importlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import TracebackType
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -21,6 +24,8 @@ from .errors import ConfigError
 from .listener import build_server
 
 log = logging.getLogger("sparks_proxy.server")
+
+T = TypeVar("T")
 
 
 class Proxy:
@@ -111,6 +116,16 @@ class Proxy:
         await self.stop()
 
 
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (the ``fast`` extra), else on asyncio's."""
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return asyncio.run(main)
+    result: T = uvloop.run(main)
+    return result
+
+
 async def run(
     settings: Settings,
     on_ready: Callable[[Proxy], None] | None = None,
@@ -125,5 +140,8 @@ async def run(
     async with Proxy(settings, reuse_port=reuse_port) as proxy:
         if on_ready is not None:
             on_ready(proxy)
+        # Everything made at start-up lives as long as the process: keep the collector from
+        # walking it again and again on the request path.
+        gc.freeze()
         await stop.wait()
         log.info("signal received")

@@ -13,7 +13,6 @@ single proxy does, and the supervisor exits 0 once they have.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import dataclasses
 import logging
@@ -42,12 +41,12 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def _worker(settings: Settings, index: int, supervisor: int) -> None:
     """A worker process: one proxy sharing the port, until SIGTERM/SIGINT."""
-    from .server import run  # imported here: the spawned process starts clean
+    from .server import run, run_loop  # imported here: the spawned process starts clean
 
     _stop_with(supervisor)
     logs.configure(settings.log)
     log.info("worker %d (pid %d) starting", index, os.getpid())
-    asyncio.run(run(settings, reuse_port=True))
+    run_loop(run(settings, reuse_port=True))
 
 
 def serve_workers(settings: Settings, count: int) -> None:
