@@ -87,20 +87,17 @@ def serve_workers(settings: Settings, count: int) -> None:
                     continue
                 del workers[index]
                 lived = now - started
-                delays[index] = (
-                    RESTART_DELAY
-                    if lived >= STABLE_AFTER
-                    else min(delays[index] * 2, MAX_RESTART_DELAY)
-                )
+                delay = RESTART_DELAY if lived >= STABLE_AFTER else delays[index]
+                delays[index] = min(delay * 2, MAX_RESTART_DELAY)  # if it dies young again
                 log.error(
                     "worker %d (pid %s) exited with status %s after %.0f s; restarting in %.0f s",
                     index,
                     process.pid,
                     process.exitcode,
                     lived,
-                    delays[index],
+                    delay,
                 )
-                restart_at[index] = now + delays[index]
+                restart_at[index] = now + delay
             sentinels = [process.sentinel for process, _ in workers.values()]
             multiprocessing.connection.wait(sentinels, timeout=0.2)
         log.info("stopping %d workers", len(workers))

@@ -97,24 +97,8 @@ def run_cli_sync(
 
 async def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, str]:
     """Run ``python -m proxy ARGS`` while this loop keeps serving; (status, stdout, stderr)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        cwd=cwd,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    async with cli_process(args, cwd, env) as proc:
+        return await finish(proc, RUN_TIMEOUT)
 
 
 @asynccontextmanager
