@@ -28,7 +28,12 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .headers import LocationRewriter, downstream_response_headers, upstream_request_headers
+from .headers import (
+    LocationRewriter,
+    downstream_response_headers,
+    passes_unchanged,
+    upstream_request_headers,
+)
 from .metrics import Metrics
 from .token_endpoint import Token
 from .tokens import TokenManager
@@ -193,8 +198,8 @@ class Forwarder:
         if upstream.status < 200:
             # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
             raise BadUpstreamResponse(f"the upstream answered {upstream.status}, not relayed")
-        if not all(value.isascii() for _, value in upstream.raw_headers):
-            raise BadUpstreamResponse("the upstream sent a header with bytes outside ASCII")
+        if not passes_unchanged(upstream.raw_headers):
+            raise BadUpstreamResponse("the upstream sent a header that is neither ASCII nor UTF-8")
         host = request.headers.get("Host")
         response = RelayedResponse(
             status=upstream.status,

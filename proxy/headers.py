@@ -7,6 +7,7 @@ upstream: the proxy alone authenticates. Repeated fields (several ``Set-Cookie``
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -144,3 +145,18 @@ class LocationRewriter:
         if path.startswith(self._base_path + "?"):
             return "/" + path[len(self._base_path) :]
         return None
+
+
+def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether every raw header value survives aiohttp's decode and re-encode byte for byte.
+
+    aiohttp reads field values as UTF-8 and writes them as UTF-8: ASCII and valid UTF-8 come
+    out as they went in, other bytes (obs-text such as Latin-1) would be altered or dropped.
+    """
+    for _, value in raw_headers:
+        if not value.isascii():
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return False
+    return True

@@ -13,7 +13,7 @@ into sending to a proxy that holds a credential:
   (DNS rebinding: a web page whose name now resolves to 127.0.0.1);
 - a browser's cross-site request (``Sec-Fetch-Site: cross-site``, or an ``Origin`` whose host
   is not allowed): any page open in a browser could otherwise spend the proxy's token;
-- header values with bytes outside ASCII, which aiohttp would alter on the way through.
+- header values that are neither ASCII nor UTF-8, which aiohttp would alter on the way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .errors import (
     UnsupportedTransferCoding,
     VersionNotSupported,
 )
+from .headers import passes_unchanged
 
 _SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
 # RFC 3986 host (reg-name, IPv4 or IP-literal) and optional port; no userinfo.
@@ -80,9 +81,8 @@ class RequestPolicy:
             raise CrossSiteRequest(
                 "browser requests from other sites may not use the proxy's credential"
             )
-        for _, value in request.raw_headers:
-            if not value.isascii():
-                raise BadRequest("header values must be ASCII; the proxy would alter other bytes")
+        if not passes_unchanged(request.raw_headers):
+            raise BadRequest("header values must be ASCII or UTF-8; the proxy would alter others")
         return origin_form(request.raw_path)
 
     def allows_host(self, host: str) -> bool:
