@@ -452,25 +452,34 @@ async def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def test_client_disconnects_free_everything(proxy: Proxy, upstream: StandInUpstream) -> None:
-    """Hang-ups mid-upload and mid-download: fds and tasks return to their baseline."""
-    await exchange(proxy.port, b"GET /warm HTTP/1.1\r\nHost: p\r\n\r\n")
-    await asyncio.sleep(0.1)
-    fds, tasks = await _open_fds(), len(asyncio.all_tasks())
-    for _ in range(20):
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(POST + b"Content-Length: 10000000\r\n\r\n" + b"x" * 200_000)
-        await writer.drain()
-        await asyncio.sleep(0.01)
-        writer.transport.abort()
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: p\r\n\r\n")
-        await writer.drain()
-        await reader.readexactly(100_000)
-        writer.transport.abort()
-    await wait_for(lambda: len(asyncio.all_tasks()) <= tasks, timeout=5)
-    await asyncio.sleep(0.3)
-    assert await _open_fds() <= fds + 4  # a few pooled upstream connections may stay open
+async def test_client_disconnects_free_everything(
+    start_proxy: ProxyFactory, upstream: StandInUpstream
+) -> None:
+    """Hang-ups mid-upload and mid-download free their upstream slot, fds and tasks."""
+    async with start_proxy(upstream={"pool_size": 4, "pool_timeout": 0.5}) as proxy:
+        await wait_ready(proxy)
+        await exchange(proxy.port, b"GET /warm HTTP/1.1\r\nHost: p\r\n\r\n")
+        await asyncio.sleep(0.1)
+        fds, tasks = await _open_fds(), len(asyncio.all_tasks())
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(POST + b"Content-Length: 10000000\r\n\r\n" + b"x" * 200_000)
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.transport.abort()
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: p\r\n\r\n")
+            await writer.drain()
+            await reader.readexactly(100_000)
+            writer.transport.abort()
+        await wait_for(lambda: len(asyncio.all_tasks()) <= tasks, timeout=5)
+        await asyncio.sleep(0.3)
+        assert await _open_fds() <= fds + 4  # a few pooled upstream connections may stay open
+        # 40 hang-ups through a pool of 4: had one slot leaked, these would wait, then 503.
+        after = await asyncio.gather(
+            *(exchange(proxy.port, b"GET /after HTTP/1.1\r\nHost: p\r\n\r\n") for _ in range(8))
+        )
+    assert [a.status for a in after] == [200] * 8
 
 
 # --- browsers and DNS rebinding -----------------------------------------------------------------
