@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import secrets
+import time
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -91,9 +92,9 @@ class StandInTokenServer(_LoopbackServer):
     """A client-credentials token endpoint at ``/oauth/token``.
 
     ``failures`` is a queue of scripted answers used before normal service resumes; each is one
-    of ``"500"``, ``"html"``, ``"empty"``, ``"no_token"``, ``"mac_token"``, ``"429"``,
-    ``"invalid_client"``, ``"redirect"``, ``"reset"`` or ``"stall"``. Setting ``fail_always``
-    repeats one of them forever.
+    of ``"500"``, ``"html"``, ``"empty"``, ``"no_token"``, ``"mac_token"``, ``"deep_json"``,
+    ``"429"``, ``"429_reset"``, ``"invalid_client"``, ``"redirect"``, ``"reset"`` or
+    ``"stall"``. Setting ``fail_always`` repeats one of them forever.
     """
 
     def __init__(
@@ -184,6 +185,12 @@ class StandInTokenServer(_LoopbackServer):
                 {"error": "too_many_requests"},
                 status=429,
                 headers={"Retry-After": str(self.retry_after)},
+            )
+        if failure == "429_reset":  # Auth0's style: the epoch second the limit resets
+            return web.json_response(
+                {"error": "too_many_requests"},
+                status=429,
+                headers={"X-RateLimit-Reset": str(int(time.time()) + self.retry_after + 1)},
             )
         if failure == "invalid_client":
             return web.json_response(

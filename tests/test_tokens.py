@@ -220,6 +220,21 @@ async def test_429_retry_after_is_honoured(
     assert waited >= 2.0
 
 
+async def test_429_ratelimit_reset_is_honoured(
+    start_proxy: ProxyFactory, token_server: StandInTokenServer
+) -> None:
+    """After a 429 with X-RateLimit-Reset (an epoch second), no attempt before that time."""
+    token_server.failures = ["429_reset"]
+    token_server.retry_after = 1
+    async with start_proxy() as proxy:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await wait_ready(proxy, timeout=5)
+        waited = loop.time() - started
+    assert len(token_server.requests) == 2
+    assert waited >= 1.0
+
+
 async def test_secret_file_is_reread_so_rotation_needs_no_restart(
     token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: os.PathLike[str]
 ) -> None:
