@@ -54,7 +54,7 @@ CHUNK = 64 * KIB
 
 PROXY_CORE = "0"
 LOAD_CORE = "1"
-FAKE_TOKEN = "bench-fixed-fake-token"  # noqa: S105 - nginx's stand-in for a real token
+FAKE_TOKEN = "bench-fixed-fake-token"
 CLIENT_CREDENTIAL = "Bearer client-credential-that-must-not-pass"
 TOKEN_DELAY = 0.5
 """Seconds the burst row's token server waits before answering, so the burst finds no token."""

@@ -62,8 +62,8 @@ PROXY_UID = 10001
 LIVENESS_PATH = "/-/healthz"
 READINESS_PATH = "/-/readyz"
 # Names of environment variables, not secrets.
-SECRET_FILE_ENV = "SPARKS_PROXY_AUTH_CLIENT_SECRET_FILE"  # noqa: S105
-INLINE_SECRET_ENV = "SPARKS_PROXY_AUTH_CLIENT_SECRET"  # noqa: S105
+SECRET_FILE_ENV = "SPARKS_PROXY_AUTH_CLIENT_SECRET_FILE"
+INLINE_SECRET_ENV = "SPARKS_PROXY_AUTH_CLIENT_SECRET"
 CONFIG_FILE_ENV = "SPARKS_PROXY_CONFIG"
 # Seconds terminationGracePeriodSeconds must exceed preStop + server.shutdown_grace by.
 GRACE_MARGIN = 5.0
@@ -548,7 +548,8 @@ class Lint:
                 self.fail(f"{name}: {key}={value}: no item of Secret {secret_name} lands there")
                 return None
             self.require_secret_key(name, secret_name, secret_key)
-        local.write_text("stand-in\n")
+        # A Redis URL setting must look like one; any other file only has to exist.
+        local.write_text("redis://stand-in:6379/0\n" if "REDIS_URL" in key else "stand-in\n")
         return str(local)
 
     # -- who can reach the proxy's port --------------------------------------------------------
@@ -817,8 +818,8 @@ def _mutations() -> list[tuple[str, str, Mutation]]:
             edit("sidecar", lambda s, c: c.pop("restartPolicy")),
         ),
         (
-            "unknown setting (Redis cache, not there yet)",
-            "SPARKS_PROXY_AUTH_TOKEN_CACHE: unknown setting",
+            "Redis token cache without a Redis URL",
+            "exactly one of auth.redis_url and auth.redis_url_file",
             edit("shared", lambda s, c: _env(c, "SPARKS_PROXY_AUTH_TOKEN_CACHE", "redis")),
         ),
         (
@@ -898,8 +899,8 @@ def _file_edits() -> list[tuple[str, str, str, FileEdit]]:
             _replace("runAsNonRoot: true", "runAsNonRoot: false"),
         ),
         (
-            "the Redis token cache patch enabled before the proxy supports it",
-            "SPARKS_PROXY_AUTH_TOKEN_CACHE: unknown setting",
+            "the Redis token cache patch enabled without its Secret",
+            "refers to Secret sparks-proxy-redis, which no kustomization renders",
             "shared/kustomization.yaml",
             _uncomment("# patches:", "- path: token-cache-redis.patch.yaml"),
         ),

@@ -20,7 +20,7 @@ from .errors import ConfigError, TokenError
 from .server import Proxy, run, run_loop
 from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
-from .token_store import TokenStore
+from .token_store import FileTokenStore
 from .workers import serve_workers
 
 EXIT_TOKEN_FAILED = 1
@@ -116,14 +116,14 @@ async def _fetch(settings: Settings, *, use_store: bool) -> Token:
     """One token; with ``use_store``, the persisted one while valid (and a new one is saved)."""
     store = None
     if use_store and settings.auth.token_cache_file:
-        store = TokenStore(settings.auth.token_cache_file, CredentialIdentity.of(settings.auth))
-        stored = store.load()
+        store = FileTokenStore(settings.auth.token_cache_file, CredentialIdentity.of(settings.auth))
+        stored = store.load_now()
         if stored is not None:
             return stored
     async with client_session(settings) as session:
         token = await TokenEndpoint(settings.auth, session).fetch()
     if store is not None:
-        store.save(token)
+        store.save_now(token)
     return token
 
 

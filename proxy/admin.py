@@ -23,7 +23,7 @@ from .errors import BadRequest, MethodNotAllowed, NotFound
 from .metrics import Metrics
 from .tokens import TokenManager
 
-PLACEHOLDER_TOKEN = "sparks-proxy-placeholder-token"  # noqa: S105 - inert by design
+PLACEHOLDER_TOKEN = "sparks-proxy-placeholder-token"
 PLACEHOLDER_LIFETIME = 86400
 MAX_TOKEN_REQUEST = 64 * 1024
 
@@ -92,6 +92,10 @@ class Admin:
             }
         checks["shutdown"] = {"ok": not self._lifecycle.draining}
         ready = all(check["ok"] for check in checks.values())
+        shared = self._tokens.shared_cache_healthy
+        if shared is not None:
+            # Reported, never part of readiness: without it the proxy works on its own.
+            checks["shared_token_cache"] = {"ok": shared}
         return web.json_response(
             {"status": "ready" if ready else "not ready", "checks": checks},
             status=200 if ready else 503,

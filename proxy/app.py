@@ -12,6 +12,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -24,7 +25,7 @@ from .forward import Forwarder
 from .metrics import Metrics
 from .request_checks import RequestPolicy
 from .token_endpoint import CredentialIdentity, TokenEndpoint
-from .token_store import TokenStore
+from .token_store import FileTokenStore, TokenStore
 from .tokens import TokenManager
 
 log = logging.getLogger("sparks_proxy.errors")
@@ -96,11 +97,7 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     metrics = app[METRICS]
     async with client_session(settings) as session:
-        store = (
-            TokenStore(settings.auth.token_cache_file, CredentialIdentity.of(settings.auth))
-            if settings.auth.token_cache_file
-            else None
-        )
+        store = token_store(settings, metrics)
         tokens = TokenManager(
             settings.auth, TokenEndpoint(settings.auth, session), store=store, metrics=metrics
         )
@@ -112,6 +109,28 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
             yield
         finally:
             await tokens.close()
+            if store is not None:
+                await store.close()
+
+
+def token_store(settings: Settings, metrics: Metrics) -> TokenStore | None:
+    """The shared token store that ``auth.token_cache`` names (None: memory only)."""
+    auth = settings.auth
+    identity = CredentialIdentity.of(auth)
+    if auth.token_cache == "file":
+        return FileTokenStore(auth.token_cache_file, identity)
+    if auth.token_cache == "redis":
+        from .redis_store import RedisTokenStore  # only deployments that use Redis load it
+
+        url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
+        return RedisTokenStore(
+            url,
+            identity,
+            prefix=auth.redis_key_prefix,
+            lock_seconds=auth.timeout + 5,
+            metrics=metrics,
+        )
+    return None
 
 
 def dispatcher(app: web.Application) -> Handler:

@@ -110,7 +110,7 @@ class UpstreamSettings:
 class AuthSettings:
     """The machine credential and how tokens are obtained with it."""
 
-    token_url: str = "https://auth.logicdrop.io/oauth/token"  # noqa: S105 - a URL
+    token_url: str = "https://auth.logicdrop.io/oauth/token"
     client_id: str = ""
     client_secret: Secret = field(default_factory=Secret)
     client_secret_file: str = ""
@@ -120,7 +120,14 @@ class AuthSettings:
     client_auth: str = "post"
     refresh_margin: float = 0.0
     """Seconds before expiry to refresh; 0: the smaller of 300 s and a tenth of the lifetime."""
+    token_cache: str = "memory"
+    """memory, file (auth.token_cache_file) or redis (auth.redis_url): where tokens are shared."""
     token_cache_file: str = ""
+    redis_url: str = ""
+    """redis://[:password@]host:port/db for token_cache = "redis"; or use redis_url_file."""
+    redis_url_file: str = ""
+    """A file holding the Redis URL (a Kubernetes Secret when it carries a password)."""
+    redis_key_prefix: str = "sparks-proxy:token:"
     timeout: float = 10.0
     """Longest a single token request may take."""
     max_backoff: float = 30.0
@@ -161,6 +168,7 @@ SECTIONS: dict[str, type] = {
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "auth.token_cache": ("memory", "file", "redis"),
     "auth.request_format": ("json", "form"),
     "auth.client_auth": ("post", "basic"),
     "log.level": ("debug", "info", "warning", "error"),
@@ -350,6 +358,7 @@ def validate(settings: Settings) -> Settings:
     for name, file in (
         ("upstream.ca_file", settings.upstream.ca_file),
         ("auth.client_secret_file", settings.auth.client_secret_file),
+        ("auth.redis_url_file", settings.auth.redis_url_file),
     ):
         if file and not (os.path.isfile(file) and os.access(file, os.R_OK)):
             raise ConfigError(f"{name}: cannot read {file!r}; expected a readable file")
@@ -361,10 +370,32 @@ def validate(settings: Settings) -> Settings:
         parent = Path(settings.auth.token_cache_file).parent
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"auth.token_cache_file: directory {str(parent)!r} is not writable")
-    settings = dataclasses.replace(
-        settings, upstream=dataclasses.replace(settings.upstream, url=upstream_url)
+    settings = _lower_choices(
+        dataclasses.replace(
+            settings, upstream=dataclasses.replace(settings.upstream, url=upstream_url)
+        )
     )
-    return _lower_choices(settings)
+    return _check_token_cache(settings)
+
+
+def _check_token_cache(settings: Settings) -> Settings:
+    """token_cache and its companions agree; a cache file alone means the file cache."""
+    auth = settings.auth
+    if auth.token_cache == "memory" and auth.token_cache_file:
+        return dataclasses.replace(settings, auth=dataclasses.replace(auth, token_cache="file"))
+    if auth.token_cache == "file" and not auth.token_cache_file:
+        raise ConfigError('auth.token_cache = "file" needs auth.token_cache_file')
+    if auth.token_cache == "redis":
+        if bool(auth.redis_url) == bool(auth.redis_url_file):
+            raise ConfigError(
+                'auth.token_cache = "redis" needs exactly one of auth.redis_url and '
+                "auth.redis_url_file"
+            )
+        url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            # The URL may hold a password: name the key, never echo the value.
+            raise ConfigError("auth.redis_url: expected a redis://, rediss:// or unix:// URL")
+    return settings
 
 
 def _lower_choices(settings: Settings) -> Settings:

@@ -50,6 +50,11 @@ class Metrics:
             "Held tokens dropped because the upstream answered 401.",
             registry=reg,
         )
+        self.shared_cache_errors = Counter(
+            "sparks_proxy_shared_cache_errors",
+            "Failed calls to the shared token cache (Redis); requests go on regardless.",
+            registry=reg,
+        )
         self.token_requests = Counter(
             "sparks_proxy_token_requests",
             "Token endpoint requests, by result (ok or an error code).",

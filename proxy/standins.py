@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, unquote_plus
 from aiohttp import web
 
 DEMO_CLIENT_ID = "demo-client"
-DEMO_CLIENT_SECRET = "demo-secret"  # noqa: S105 - an obvious fake
+DEMO_CLIENT_SECRET = "demo-secret"
 
 
 class _LoopbackServer:

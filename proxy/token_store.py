@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .token_endpoint import B64TOKEN, MIN_LIFETIME, CredentialIdentity, Token
 
@@ -33,8 +33,64 @@ def fingerprint(identity: CredentialIdentity) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-class TokenStore:
-    """Reads and writes the token for one credential in a shared JSON file."""
+def encode(token: Token) -> dict[str, Any]:
+    """A token as stored: wall-clock expiry, so another process (or a restart) can use it."""
+    return {
+        "access_token": token.value,
+        "expires": time.time() + token.remaining(),
+        "lifetime": token.lifetime,
+        "scope": token.scope,
+    }
+
+
+def decode(entry: object) -> Token | None:
+    """The token in a stored entry, if it is well-formed and still good for a while."""
+    if not isinstance(entry, dict):
+        return None
+    value, expires, lifetime = (
+        entry.get("access_token"),
+        entry.get("expires"),
+        entry.get("lifetime"),
+    )
+    if not isinstance(value, str) or not B64TOKEN.fullmatch(value):
+        return None  # damaged: better a new token than one that fails every request
+    if not isinstance(expires, (int, float)):
+        return None
+    remaining = float(expires) - time.time()
+    if remaining < MIN_LIFETIME:
+        return None
+    scope = entry.get("scope")
+    return Token(
+        value=value,
+        expires_at=time.monotonic() + remaining,
+        lifetime=float(lifetime) if isinstance(lifetime, (int, float)) else remaining,
+        scope=scope if isinstance(scope, str) else "",
+    )
+
+
+class TokenStore(Protocol):
+    """Where tokens are shared beyond one process's memory (a file, or Redis)."""
+
+    healthy: bool
+    """False while the store is unreachable; the proxy then works on its own."""
+
+    async def load(self) -> Token | None:
+        """The stored token for this credential, if it is still good for a while."""
+
+    async def save(self, token: Token) -> None:
+        """Store ``token`` for this credential (failures are logged, never raised)."""
+
+    def exclusive(self, wait: float) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Hold the store's lock for the block; yield whether it was had within ``wait`` s."""
+
+    async def close(self) -> None:
+        """Let go of connections."""
+
+
+class FileTokenStore:
+    """Tokens in a JSON file shared by the processes that use it, one entry per credential."""
+
+    healthy = True
 
     def __init__(self, path: str, identity: CredentialIdentity) -> None:
         self._path = Path(path)
@@ -50,32 +106,16 @@ class TokenStore:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def load(self) -> Token | None:
+    async def load(self) -> Token | None:
         """The stored token for this credential, if it is still good for a while."""
-        entry = self._entries().get(self._key)
-        if not isinstance(entry, dict):
-            return None
-        value, expires, lifetime = (
-            entry.get("access_token"),
-            entry.get("expires"),
-            entry.get("lifetime"),
-        )
-        if not (
-            isinstance(value, str)
-            and B64TOKEN.fullmatch(value)
-            and isinstance(expires, (int, float))
-        ):
-            return None
-        remaining = float(expires) - time.time()
-        if remaining < MIN_LIFETIME:
-            return None
-        scope = entry.get("scope")
-        return Token(
-            value=value,
-            expires_at=time.monotonic() + remaining,
-            lifetime=float(lifetime) if isinstance(lifetime, (int, float)) else remaining,
-            scope=scope if isinstance(scope, str) else "",
-        )
+        return self.load_now()
+
+    async def close(self) -> None:
+        """Nothing to let go of: the file is opened per call."""
+
+    def load_now(self) -> Token | None:
+        """:meth:`load` without the event loop (the ``token`` command)."""
+        return decode(self._entries().get(self._key))
 
     @contextlib.asynccontextmanager
     async def exclusive(self, wait: float) -> AsyncIterator[bool]:
@@ -102,7 +142,14 @@ class TokenStore:
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    def save(self, token: Token) -> None:
+    async def save(self, token: Token) -> None:
+        """Store ``token``; a write that fails is logged, and the proxy carries on."""
+        try:
+            await asyncio.to_thread(self.save_now, token)
+        except OSError as exc:
+            log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
+
+    def save_now(self, token: Token) -> None:
         """Store ``token`` for this credential; drop other credentials' expired entries."""
         now = time.time()
         entries = {
@@ -112,12 +159,7 @@ class TokenStore:
             and isinstance(entry.get("expires"), (int, float))
             and entry["expires"] > now
         }
-        entries[self._key] = {
-            "access_token": token.value,
-            "expires": now + token.remaining(),
-            "lifetime": token.lifetime,
-            "scope": token.scope,
-        }
+        entries[self._key] = encode(token)
         self._write(json.dumps(entries).encode())
 
     def _write(self, data: bytes) -> None:

@@ -139,7 +139,7 @@ class TokenManager:
         block start-up, so health checks answer while the issuer is slow or down.
         """
         if self._store is not None:
-            stored = await asyncio.to_thread(self._store.load)
+            stored = await self._store.load()
             if stored is not None:
                 log.info("reusing the persisted token (expires in %.0f s)", stored.remaining())
                 self._hold(stored)
@@ -152,6 +152,11 @@ class TokenManager:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    @property
+    def shared_cache_healthy(self) -> bool | None:
+        """Whether the shared token store answers (None when there is none)."""
+        return None if self._store is None else self._store.healthy
 
     def retry_after(self) -> float:
         """Seconds until the next token request is allowed (0 if it may go now)."""
@@ -201,7 +206,7 @@ class TokenManager:
                 token = await self._request_token()
             else:
                 async with self._store.exclusive(wait=self._auth.timeout + 5):
-                    token = self._shared_token() or await self._request_token(self._store)
+                    token = await self._shared_token() or await self._request_token(self._store)
         except TokenError as error:
             self._note_failure(error)
             raise
@@ -218,10 +223,10 @@ class TokenManager:
         self._hold(token)
         return token
 
-    def _shared_token(self) -> Token | None:
+    async def _shared_token(self) -> Token | None:
         """The token another process (or an earlier run) stored, if it is not due for refresh."""
         assert self._store is not None
-        stored = self._store.load()
+        stored = await self._store.load()
         if (
             stored is None
             or stored.value in self._rejected
@@ -252,10 +257,7 @@ class TokenManager:
             "obtained a token (expires in %.0f s, scope %r)", token.lifetime, token.scope or "-"
         )
         if store is not None:
-            try:
-                await asyncio.to_thread(store.save, token)
-            except OSError as exc:
-                log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
+            await store.save(token)
         return token
 
     def _note_failure(self, error: TokenError) -> None:

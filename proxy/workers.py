@@ -2,9 +2,9 @@
 
 Each worker is a whole proxy (its own event loop, listener and upstream pool) bound with
 SO_REUSEPORT, so the kernel spreads connections across them. They share one token through the
-token cache file and its lock (:mod:`proxy.token_store`): the first worker to need a token
-fetches it, the others read it. Without a configured ``auth.token_cache_file`` the supervisor
-makes a private one (mode 0700 directory) and removes it at exit.
+token cache file and its lock (:mod:`proxy.token_store`), or through Redis when configured: the
+first worker to need a token fetches it, the others read it. With ``auth.token_cache`` left at
+"memory" the supervisor makes a private file (in a mode-0700 directory) and removes it at exit.
 
 The supervisor only watches: a worker that dies is restarted (after 1 s, doubling to 30 s
 while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, which drains as a
@@ -54,12 +54,16 @@ def serve_workers(settings: Settings, count: int) -> None:
     if settings.server.port == 0:
         raise ConfigError("server.workers: needs a fixed server.port (workers share it)")
     private_dir = None
-    if not settings.auth.token_cache_file:
+    if settings.auth.token_cache == "memory":
+        # Workers must share their token somehow: a private file unless told otherwise (a
+        # configured file or Redis already is shared).
         private_dir = tempfile.mkdtemp(prefix="sparks-proxy-")  # mode 0700
         settings = dataclasses.replace(
             settings,
             auth=dataclasses.replace(
-                settings.auth, token_cache_file=str(Path(private_dir, "token.json"))
+                settings.auth,
+                token_cache="file",
+                token_cache_file=str(Path(private_dir, "token.json")),
             ),
         )
     stopping = False
