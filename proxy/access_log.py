@@ -26,14 +26,15 @@ class AccessLog:
         response: web.StreamResponse | None,
         started: float,
         upstream_seconds: float | None = None,
+        unanswered: int = 0,
     ) -> None:
         """Count the request and, when access logging is on, write its line.
 
-        ``response`` is None when the exchange was cut short (a client or upstream hang-up):
-        it is counted and logged as 499, as nginx does.
+        ``response`` is None when no answer came back: ``unanswered`` is then the status to
+        record (499 for a hang-up, as nginx does; 500 for a failure in the proxy).
         """
         seconds = time.monotonic() - started
-        status = response.status if response is not None else ABORTED
+        status = response.status if response is not None else unanswered
         self._metrics.count_request(request.method, status, seconds)
         if log.disabled or not log.isEnabledFor(logging.INFO):
             return

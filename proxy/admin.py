@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .bodies import read_whole
+from .bodies import expects_continue, read_whole, send_continue
 from .config import ServerSettings
 from .errors import BadRequest, MethodNotAllowed, NotFound
 from .metrics import Metrics
@@ -108,6 +108,8 @@ class Admin:
 
     async def oauth_token(self, request: web.BaseRequest) -> web.StreamResponse:
         """A client-credentials endpoint that issues only an inert placeholder."""
+        if expects_continue(request):
+            await send_continue(request)
         body = await read_whole(
             request.content, limit=MAX_TOKEN_REQUEST, read_timeout=self._body_timeout
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from .access_log import AccessLog
+from .access_log import ABORTED, AccessLog
 from .admin import Admin, Lifecycle
 from .config import Settings
 from .errors import ProxyError, error_response
@@ -151,6 +151,7 @@ def dispatcher(app: web.Application) -> Handler:
         started = time.monotonic()
         upstream_seconds: float | None = None
         response: web.StreamResponse | None = None
+        unanswered = ABORTED  # the status logged when no response comes back: a hang-up
         try:
             target = policy.check(request)
             if target.startswith("/-/"):
@@ -168,8 +169,12 @@ def dispatcher(app: web.Application) -> Handler:
                 error.detail,
             )
             response = error_response(error)
+        except Exception:
+            # A bug: aiohttp answers 500 (listener.handle_error logs it); count it as such.
+            unanswered = 500
+            raise
         finally:
-            access_log.record(request, response, started, upstream_seconds)
+            access_log.record(request, response, started, upstream_seconds, unanswered)
         if "Upgrade" in request.headers:
             # aiohttp may treat what follows an Upgrade request as tunnel bytes: start afresh.
             response.force_close()

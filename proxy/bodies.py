@@ -10,10 +10,29 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+from aiohttp import web
 
-from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout
+from .errors import BadRequest, ExpectationFailed, PayloadTooLarge, ProxyError, RequestTimeout
 
 BODY_TIMEOUT = "the client sent no body bytes within server.body_timeout"
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """Whether the client waits for ``100 Continue``; 417 for any other expectation."""
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return False
+    if expect.lower() != "100-continue":
+        raise ExpectationFailed("only Expect: 100-continue is supported")
+    return request.version >= (1, 1)
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Tell the client to send its body. The proxy answers this itself, once the body is
+    acceptable; the upstream gets the body without being asked."""
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
 TRUNCATED = "the request body ended early or was malformed"
 
 

@@ -18,11 +18,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .bodies import StreamedBody, read_whole
+from .bodies import StreamedBody, expects_continue, read_whole, send_continue
 from .config import Settings
 from .errors import (
     BadUpstreamResponse,
-    ExpectationFailed,
     PayloadTooLarge,
     UpstreamBusy,
     UpstreamTimeout,
@@ -141,9 +140,7 @@ class Forwarder:
         self, request: web.BaseRequest
     ) -> tuple[bytes | AsyncIterator[bytes] | None, bool, StreamedBody | None]:
         """The body to send upstream, whether it can be sent twice, and its stream if streamed."""
-        expect = request.headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
-            raise ExpectationFailed("only Expect: 100-continue is supported")
+        expect_continue = expects_continue(request)
         length = request.content_length
         if length is None and not request.body_exists:
             return None, True, None
@@ -151,10 +148,8 @@ class Forwarder:
             raise PayloadTooLarge(
                 f"request body of {length} bytes is over server.max_body_size ({self._max_body})"
             )
-        if expect is not None and request.version >= (1, 1):
-            # The proxy answers the client's 100-continue itself (and only once the body is
-            # acceptable); the upstream gets the body without being asked.
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if expect_continue:
+            await send_continue(request)
         if length is not None and length <= self._replay_limit:
             body = await read_whole(request.content, limit=length, read_timeout=self._body_timeout)
             return body, True, None
@@ -198,8 +193,10 @@ class Forwarder:
         if upstream.status < 200:
             # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
             raise BadUpstreamResponse(f"the upstream answered {upstream.status}, not relayed")
-        if not passes_unchanged(upstream.raw_headers):
-            raise BadUpstreamResponse("the upstream sent a header that is neither ASCII nor UTF-8")
+        if not passes_unchanged(upstream.raw_headers) or not _printable(upstream.reason):
+            raise BadUpstreamResponse(
+                "the upstream sent a header or reason phrase the proxy cannot pass on unchanged"
+            )
         host = request.headers.get("Host")
         response = RelayedResponse(
             status=upstream.status,
@@ -255,6 +252,10 @@ class RelayedResponse(web.StreamResponse):
             headers.popall("Content-Type", None)
         if not had_server:
             headers.popall("Server", None)
+
+
+def _printable(reason: str | None) -> bool:
+    return reason is None or (reason.isascii() and reason.isprintable())
 
 
 def _reason(exc: aiohttp.ClientConnectorError) -> str:

@@ -58,9 +58,7 @@ class ProxyRequestHandler(RequestHandler):
         parsed = self._request_count
         super().data_received(data)
         if self._request_count != parsed:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
+            self._cancel_head_timer()
         elif self._head_timer is None and not self._request_in_progress:
             manager = self._manager
             assert isinstance(manager, ProxyServer)
@@ -68,12 +66,21 @@ class ProxyRequestHandler(RequestHandler):
                 manager.limits.header_timeout, self._head_timed_out
             )
 
+    async def _handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        # A head that arrived whole queues a request before its body comes in; body bytes read
+        # before this handler starts may have armed the timer. A request is being handled now.
+        self._cancel_head_timer()
+        return await super()._handle_request(*args, **kwargs)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         """Forget the head timer with the connection."""
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        super().connection_lost(exc)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

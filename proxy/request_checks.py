@@ -105,7 +105,8 @@ class RequestPolicy:
 def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[: host.find("]") + 1].lower()
-    return host.rpartition(":")[0].lower() if ":" in host else host.lower()
+    name = host.rpartition(":")[0] if ":" in host else host
+    return name.rstrip(".").lower()  # "localhost." is the same host, fully qualified
 
 
 def origin_form(target: str) -> str:

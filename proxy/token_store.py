@@ -90,11 +90,10 @@ class TokenStore(Protocol):
 class FileTokenStore:
     """Tokens in a JSON file shared by the processes that use it, one entry per credential."""
 
-    healthy = True
-
     def __init__(self, path: str, identity: CredentialIdentity) -> None:
         self._path = Path(path)
         self._key = fingerprint(identity)
+        self.healthy = True
 
     def _entries(self) -> dict[str, Any]:
         try:
@@ -125,7 +124,20 @@ class FileTokenStore:
         (a holder that hangs) the caller goes on without it: a token request too many beats
         no token at all.
         """
-        fd = os.open(self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(
+                self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
+            )
+        except OSError as exc:
+            # A read-only or vanished directory must not cost the token: go on unlocked.
+            if self.healthy:
+                log.warning(
+                    "cannot lock auth.token_cache_file (%s); going on without", exc.strerror
+                )
+            self.healthy = False
+            yield False
+            return
+        self.healthy = True
         try:
             deadline = time.monotonic() + wait
             locked = False

@@ -227,17 +227,16 @@ class TokenManager:
         """The token another process (or an earlier run) stored, if it is not due for refresh."""
         assert self._store is not None
         stored = await self._store.load()
+        held = self.current()
         if (
             stored is None
             or stored.value in self._rejected
+            # Our own token: we are here because it is due, so a new one is needed.
+            or (held is not None and held.value == stored.value)
             or stored.expires_at - self._margin(stored) <= time.monotonic()
         ):
             return None
-        held = self.current()
-        if held is None or held.value != stored.value:
-            log.info(
-                "using the token another process obtained (expires in %.0f s)", stored.remaining()
-            )
+        log.info("using the token another process obtained (expires in %.0f s)", stored.remaining())
         return stored
 
     async def _request_token(self, store: TokenStore | None = None) -> Token:

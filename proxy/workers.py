@@ -8,7 +8,9 @@ first worker to need a token fetches it, the others read it. With ``auth.token_c
 
 The supervisor only watches: a worker that dies is restarted (after 1 s, doubling to 30 s
 while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, which drains as a
-single proxy does, and the supervisor exits 0 once they have.
+single proxy does, and the supervisor exits 0 once they have. SIGHUP stops them too (a closed
+terminal). A port that cannot be had, or a worker exiting with status 2 (unusable settings),
+stops everything with status 2 instead of restarting forever.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -37,6 +40,7 @@ RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 60.0  # a worker that lived this long resets the restart delay
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+EXIT_CONFIG = 2
 
 
 def _worker(settings: Settings, index: int, supervisor: int) -> None:
@@ -46,13 +50,22 @@ def _worker(settings: Settings, index: int, supervisor: int) -> None:
     _stop_with(supervisor)
     logs.configure(settings.log)
     log.info("worker %d (pid %d) starting", index, os.getpid())
-    run_loop(run(settings, reuse_port=True))
+    try:
+        run_loop(run(settings, reuse_port=True))
+    except ConfigError as error:
+        log.error("worker %d: %s", index, error)
+        sys.exit(EXIT_CONFIG)
 
 
 def serve_workers(settings: Settings, count: int) -> None:
-    """Run ``count`` workers until a signal, restarting any that die."""
+    """Run ``count`` workers until a signal, restarting any that die.
+
+    Raises :class:`ConfigError` when the port cannot be had, or a worker finds its settings
+    unusable: restarting would not help.
+    """
     if settings.server.port == 0:
         raise ConfigError("server.workers: needs a fixed server.port (workers share it)")
+    _check_port(settings.server.host, settings.server.port)
     private_dir = None
     if settings.auth.token_cache == "memory":
         # Workers must share their token somehow: a private file unless told otherwise (a
@@ -67,12 +80,14 @@ def serve_workers(settings: Settings, count: int) -> None:
             ),
         )
     stopping = False
+    fatal: ConfigError | None = None
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
     context = multiprocessing.get_context("spawn")
     workers: dict[int, tuple[BaseProcess, float]] = {}
     delays = dict.fromkeys(range(count), RESTART_DELAY)
@@ -90,6 +105,12 @@ def serve_workers(settings: Settings, count: int) -> None:
                 if process.is_alive():
                     continue
                 del workers[index]
+                if process.exitcode == EXIT_CONFIG:
+                    stopping = True
+                    fatal = ConfigError(
+                        f"server.workers: worker {index} could not start; see its log"
+                    )
+                    break
                 lived = now - started
                 delay = RESTART_DELAY if lived >= STABLE_AFTER else delays[index]
                 delays[index] = min(delay * 2, MAX_RESTART_DELAY)  # if it dies young again
@@ -122,6 +143,25 @@ def serve_workers(settings: Settings, count: int) -> None:
             signal.signal(sig, handler)
         if private_dir is not None:
             shutil.rmtree(private_dir, ignore_errors=True)
+    if fatal is not None:
+        raise fatal
+
+
+def _check_port(host: str, port: int) -> None:
+    """Fail early when the port is taken: workers would only crash and restart forever.
+
+    A plain bind (no SO_REUSEPORT) also fails against another proxy's workers on the port,
+    so two supervisors never split one port's traffic between them.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"server.host/server.port: cannot listen on {host}:{port} ({exc.strerror})"
+            ) from None
 
 
 def _stop_with(supervisor: int) -> None:

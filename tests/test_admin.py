@@ -178,3 +178,24 @@ async def test_readiness_fails_first_during_a_drain(
             assert health.status == 200
         await stopping
     assert body["checks"]["shutdown"]["ok"] is False
+
+
+async def test_sdk_token_endpoint_honours_expect(proxy: Proxy) -> None:
+    """100-continue is answered at once; any other expectation is 417."""
+    body = b'{"grant_type": "client_credentials"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(
+            b"POST /-/oauth/token HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        assert interim.startswith(b"HTTP/1.1 100")
+    finally:
+        writer.close()
+    refused = await exchange(
+        proxy.port,
+        b"POST /-/oauth/token HTTP/1.1\r\nHost: p\r\nExpect: foo\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    assert refused.status == 417

@@ -599,6 +599,32 @@ async def test_upstream_answers_the_proxy_cannot_relay_faithfully_are_502(
     assert response.status == 502
 
 
+async def test_a_bug_is_counted_as_500_not_as_a_hang_up(token_server: StandInTokenServer) -> None:
+    """An upstream reason phrase with a control byte: 502, and the access record agrees."""
+    answer = b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok"
+    async with (
+        RawUpstream(canned(answer, close=True)) as raw,
+        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
+    ):
+        await wait_ready(proxy)
+        response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert response.status == 502
+    assert response.header(ERROR_HEADER) == ["bad_upstream_response"]
+
+
+async def test_fully_qualified_localhost_is_allowed(
+    token_server: StandInTokenServer, upstream: StandInUpstream
+) -> None:
+    """``Host: localhost.`` (with the root dot) names the same host: not refused."""
+    settings = make_settings(
+        token_server, upstream, server={"allowed_hosts": ServerSettings().allowed_hosts}
+    )
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy)
+        response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: localhost.:80\r\n\r\n")
+    assert response.status == 200
+
+
 async def test_relayed_answers_gain_no_server_or_content_type(
     token_server: StandInTokenServer,
 ) -> None:

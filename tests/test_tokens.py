@@ -437,3 +437,43 @@ async def test_upstream_refusing_every_token_gets_fewer_and_fewer(
     assert statuses == {401}
     # At ~0 s (first token), ~0 s (first replacement), ~1 s and ~3 s: four in four seconds.
     assert 3 <= len(token_server.issued) <= 5
+
+
+async def test_unwritable_token_cache_directory_still_gets_a_token(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """A cache file on a read-only directory costs the sharing, never the token."""
+    cache_dir = tmp_path / "ro"
+    cache_dir.mkdir()
+    settings = make_settings(
+        token_server, upstream, auth={"token_cache_file": str(cache_dir / "token.json")}
+    )
+    cache_dir.chmod(0o555)
+    try:
+        if os.geteuid() == 0:  # root ignores permissions: make the lock's path unopenable
+            cache_dir.chmod(0o755)
+            (cache_dir / "token.json.lock").mkdir()
+        async with Proxy(settings) as proxy:
+            await wait_ready(proxy, timeout=5)
+            response = await exchange(proxy.port, GET)
+    finally:
+        cache_dir.chmod(0o755)
+    assert response.status == 200
+    assert len(token_server.issued) == 1
+
+
+async def test_refresh_does_not_spin_on_its_own_shared_token(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """With a shared file, a due refresh fetches a new token instead of re-reading its own."""
+    token_server.expires_in = 3
+    settings = make_settings(
+        token_server, upstream, auth={"token_cache_file": str(tmp_path / "token.json")}
+    )
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy)
+        await asyncio.sleep(3.5)
+        token = proxy.app[TOKENS].current()
+    assert len(token_server.issued) == 2
+    assert token is not None
+    assert token.value == token_server.issued[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -121,3 +122,18 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
             10,
             "the workers to stop",
         )
+
+
+async def test_workers_on_a_taken_port_exit_2(tmp_path: Path, issuer: StandInTokenServer) -> None:
+    """A port that cannot be had stops the supervisor with status 2, not endless restarts."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = auth_config(tmp_path, issuer)
+        args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
+        async with cli_process(args, tmp_path, cli_env()) as proc:
+            status, _, stderr = await finish(proc, 20)
+    assert status == 2
+    assert "server.port" in stderr
+    assert "Traceback" not in stderr
