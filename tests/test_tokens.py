@@ -477,3 +477,23 @@ async def test_refresh_does_not_spin_on_its_own_shared_token(
     assert len(token_server.issued) == 2
     assert token is not None
     assert token.value == token_server.issued[1]
+
+
+async def test_a_rejected_token_is_never_taken_back_from_the_shared_file(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """Two proxies share a file; the upstream revokes their token: one new token for both."""
+    settings = make_settings(
+        token_server, upstream, auth={"token_cache_file": str(tmp_path / "token.json")}
+    )
+    async with Proxy(settings) as a, Proxy(settings) as b:
+        await wait_ready(a)
+        await wait_ready(b)
+        assert len(token_server.issued) == 1
+        upstream.rejected_tokens.add(token_server.issued[0])
+        first = await exchange(a.port, GET)
+        second = await exchange(b.port, GET)
+    assert (first.status, second.status) == (200, 200)
+    # a replaced the revoked token and stored it; b read the new one instead of fetching.
+    assert len(token_server.issued) == 2
+    assert upstream.received[-1].header("Authorization") == [f"Bearer {token_server.issued[1]}"]
