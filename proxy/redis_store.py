@@ -19,7 +19,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import redis.asyncio as redis
 from redis.exceptions import RedisError
@@ -108,11 +108,14 @@ class RedisTokenStore:
             self._ok()
 
     @contextlib.asynccontextmanager
-    async def exclusive(self, wait: float) -> AsyncIterator[bool]:
+    async def exclusive(
+        self, wait: float, until: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[bool]:
         """Hold the fleet-wide fetch lock for the block; yield whether it was had.
 
-        Waits (polling) up to ``wait`` s while another replica holds it. With Redis down the
-        answer is at once False: the replica fetches on its own rather than wait.
+        Waits (polling) up to ``wait`` s while another replica holds it, and stops early once
+        ``until()`` is true (the holder stored a token). With Redis down the answer is at once
+        False: the replica fetches on its own rather than wait.
         """
         owner = secrets.token_hex(16)
         locked = False
@@ -126,7 +129,7 @@ class RedisTokenStore:
                 self._failed("lock", exc)
                 break
             self._ok()
-            if locked or time.monotonic() >= deadline:
+            if locked or time.monotonic() >= deadline or await until():
                 break
             await asyncio.sleep(0.05)
         try:

@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,8 +80,14 @@ class TokenStore(Protocol):
     async def save(self, token: Token) -> None:
         """Store ``token`` for this credential (failures are logged, never raised)."""
 
-    def exclusive(self, wait: float) -> contextlib.AbstractAsyncContextManager[bool]:
-        """Hold the store's lock for the block; yield whether it was had within ``wait`` s."""
+    def exclusive(
+        self, wait: float, until: Callable[[], Awaitable[bool]]
+    ) -> contextlib.AbstractAsyncContextManager[bool]:
+        """Hold the store's lock for the block; yield whether it was had.
+
+        Waits up to ``wait`` s, and stops waiting early once ``until()`` is true (another
+        process stored what the caller wanted), yielding False then.
+        """
 
     async def close(self) -> None:
         """Let go of connections."""
@@ -117,8 +123,10 @@ class FileTokenStore:
         return decode(self._entries().get(self._key))
 
     @contextlib.asynccontextmanager
-    async def exclusive(self, wait: float) -> AsyncIterator[bool]:
-        """Hold the file's lock for the block; yield whether it was had within ``wait`` s.
+    async def exclusive(
+        self, wait: float, until: Callable[[], Awaitable[bool]]
+    ) -> AsyncIterator[bool]:
+        """Hold the file's lock for the block; yield whether it was had (see TokenStore).
 
         Polls a non-blocking ``flock`` so the wait stays cancellable. When the wait runs out
         (a holder that hangs) the caller goes on without it: a token request too many beats
@@ -146,6 +154,8 @@ class FileTokenStore:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     locked = True
                 except BlockingIOError:
+                    if await until():
+                        break
                     if time.monotonic() >= deadline:
                         log.warning("token cache lock busy for %.0f s; fetching anyway", wait)
                         break

@@ -205,7 +205,7 @@ class TokenManager:
             if self._store is None:
                 token = await self._request_token()
             else:
-                async with self._store.exclusive(wait=self._auth.timeout + 5):
+                async with self._store.exclusive(self._auth.timeout + 5, self._shared_is_ready):
                     token = await self._shared_token() or await self._request_token(self._store)
         except TokenError as error:
             self._note_failure(error)
@@ -223,7 +223,10 @@ class TokenManager:
         self._hold(token)
         return token
 
-    async def _shared_token(self) -> Token | None:
+    async def _shared_is_ready(self) -> bool:
+        return await self._shared_token(quiet=True) is not None
+
+    async def _shared_token(self, *, quiet: bool = False) -> Token | None:
         """The token another process (or an earlier run) stored, if it is not due for refresh."""
         assert self._store is not None
         stored = await self._store.load()
@@ -236,7 +239,10 @@ class TokenManager:
             or stored.expires_at - self._margin(stored) <= time.monotonic()
         ):
             return None
-        log.info("using the token another process obtained (expires in %.0f s)", stored.remaining())
+        if not quiet:
+            log.info(
+                "using the token another process obtained (expires in %.0f s)", stored.remaining()
+            )
         return stored
 
     async def _request_token(self, store: TokenStore | None = None) -> Token:

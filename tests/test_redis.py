@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 import signal
 import subprocess
@@ -251,3 +252,95 @@ def test_token_cache_settings_are_checked(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
         load(None, environ)
+
+
+async def _replicas(
+    stack: AsyncExitStack, count: int, config: str, tmp_path: Path
+) -> tuple[list[int], dict[int, asyncio.subprocess.Process]]:
+    """Start ``count`` serve processes on free ports; wait until all are ready."""
+    ports = [free_port() for _ in range(count)]
+    procs = {
+        port: await stack.enter_async_context(
+            cli_process(["serve", "--config", config, "--port", str(port)], tmp_path, cli_env())
+        )
+        for port in ports
+    }
+    for port, proc in procs.items():
+        await wait_ready(proc, f"http://127.0.0.1:{port}")
+    return ports, procs
+
+
+async def test_rolling_restart_costs_no_token_and_no_request(
+    tmp_path: Path,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    redis_server: RedisServer,
+) -> None:
+    """All 8 replicas restarted one by one under traffic: 0 new tokens, 0 failed requests."""
+    config = redis_config(tmp_path, token_server, upstream.url, redis_server.url)
+    async with AsyncExitStack() as stack:
+        ports, procs = await _replicas(stack, 8, config, tmp_path)
+        live = set(ports)
+        failures: list[str] = []
+        sent = 0
+        done = asyncio.Event()
+
+        async def traffic(session: aiohttp.ClientSession) -> None:
+            nonlocal sent
+            while not done.is_set():
+                port = random.choice(sorted(live))  # like a Service: ready endpoints only
+                sent += 1
+                try:
+                    async with session.get(f"http://127.0.0.1:{port}/r") as response:
+                        await response.read()
+                        if response.status != 200:
+                            failures.append(str(response.status))
+                except aiohttp.ClientError as exc:
+                    failures.append(type(exc).__name__)
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            clients = [asyncio.create_task(traffic(s)) for _ in range(8)]
+            for port in ports:
+                live.discard(port)
+                await asyncio.sleep(0.3)  # requests already routed there get connected
+                old = procs[port]
+                old.send_signal(signal.SIGTERM)
+                await asyncio.wait_for(old.wait(), 15)
+                new = await stack.enter_async_context(
+                    cli_process(
+                        ["serve", "--config", config, "--port", str(port)], tmp_path, cli_env()
+                    )
+                )
+                await wait_ready(new, f"http://127.0.0.1:{port}")
+                live.add(port)
+            done.set()
+            await asyncio.gather(*clients)
+    assert sent > 100
+    assert failures == []
+    assert len(token_server.requests) == 1
+
+
+async def test_a_fleet_spends_one_token_per_lifetime(
+    tmp_path: Path,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    redis_server: RedisServer,
+) -> None:
+    """8 replicas, 20-second tokens, 60 s of traffic: about 3 tokens in all, no 401."""
+    token_server.expires_in = 20
+    config = redis_config(tmp_path, token_server, upstream.url, redis_server.url)
+    statuses: list[int] = []
+    async with AsyncExitStack() as stack:
+        ports, _ = await _replicas(stack, 8, config, tmp_path)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        async with aiohttp.ClientSession() as session:
+            while loop.time() - started < 60:
+                for port in ports:
+                    async with session.get(f"http://127.0.0.1:{port}/r") as response:
+                        await response.read()
+                        statuses.append(response.status)
+                await asyncio.sleep(0.1)
+    assert set(statuses) == {200}
+    # 60 s of 20-second tokens refreshed ~2 s early: the first, then about one per 18 s.
+    assert 3 <= len(token_server.issued) <= 5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import json
 import os
 import stat
@@ -18,7 +19,8 @@ from proxy.config import Secret
 from proxy.errors import ERROR_HEADER, TokenError
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
-from proxy.token_endpoint import _lifetime, _parse
+from proxy.token_endpoint import CredentialIdentity, Token, _lifetime, _parse
+from proxy.token_store import FileTokenStore
 
 from .rawhttp import RawUpstream, exchange
 from .support import ProxyFactory, make_settings, wait_for, wait_ready
@@ -488,3 +490,25 @@ async def test_a_rejected_token_is_never_taken_back_from_the_shared_file(
     # a replaced the revoked token and stored it; b read the new one instead of fetching.
     assert len(token_server.issued) == 2
     assert upstream.received[-1].header("Authorization") == [f"Bearer {token_server.issued[1]}"]
+
+
+async def test_waiting_on_a_hung_lock_holder_takes_the_token_it_stored(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """A holder that stored a token but never lets go: waiters use it at once, no fetch."""
+    cache = tmp_path / "token.json"
+    settings = make_settings(
+        token_server, upstream, auth={"token_cache_file": str(cache), "timeout": 5.0}
+    )
+    with open(f"{cache}.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the hung holder; the proxy would wait 10 s
+        async with Proxy(settings) as proxy:
+            await asyncio.sleep(0.3)
+            stored = Token(value="stored.by.the.holder", expires_at=time.monotonic() + 3600,
+                           lifetime=3600)  # fmt: skip
+            FileTokenStore(str(cache), CredentialIdentity.of(settings.auth)).save_now(stored)
+            await wait_ready(proxy, timeout=2)
+            token = proxy.app[TOKENS].current()
+    assert token is not None
+    assert token.value == "stored.by.the.holder"
+    assert token_server.requests == []
