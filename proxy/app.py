@@ -19,7 +19,7 @@ from aiohttp import web
 
 from .access_log import ABORTED, AccessLog
 from .admin import Admin, Lifecycle
-from .config import Settings
+from .config import Settings, read_encryption_key
 from .errors import ProxyError, error_response
 from .forward import Forwarder
 from .metrics import Metrics
@@ -123,11 +123,13 @@ def token_store(settings: Settings, metrics: Metrics) -> TokenStore | None:
         from .redis_store import RedisTokenStore  # only deployments that use Redis load it
 
         url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
+        key = auth.redis_encryption_key_file
         return RedisTokenStore(
             url,
             identity,
             prefix=auth.redis_key_prefix,
             lock_seconds=auth.timeout + 5,
+            encryption_key=read_encryption_key(key) if key else None,
             metrics=metrics,
         )
     return None

@@ -8,6 +8,7 @@ message naming the key and what is expected; only ``__main__`` turns that into a
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import ipaddress
 import math
@@ -128,6 +129,8 @@ class AuthSettings:
     redis_url_file: str = ""
     """A file holding the Redis URL (a Kubernetes Secret when it carries a password)."""
     redis_key_prefix: str = "sparks-proxy:token:"
+    redis_encryption_key_file: str = ""
+    """A file with a base64 AES key (16, 24 or 32 bytes): tokens in Redis are encrypted."""
     timeout: float = 10.0
     """Longest a single token request may take."""
     max_backoff: float = 30.0
@@ -359,6 +362,7 @@ def validate(settings: Settings) -> Settings:
         ("upstream.ca_file", settings.upstream.ca_file),
         ("auth.client_secret_file", settings.auth.client_secret_file),
         ("auth.redis_url_file", settings.auth.redis_url_file),
+        ("auth.redis_encryption_key_file", settings.auth.redis_encryption_key_file),
     ):
         if file and not (os.path.isfile(file) and os.access(file, os.R_OK)):
             raise ConfigError(f"{name}: cannot read {file!r}; expected a readable file")
@@ -391,6 +395,8 @@ def _check_token_cache(settings: Settings) -> Settings:
                 'auth.token_cache = "redis" needs exactly one of auth.redis_url and '
                 "auth.redis_url_file"
             )
+        if auth.redis_encryption_key_file:
+            read_encryption_key(auth.redis_encryption_key_file)
         url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
         if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
             # The URL may hold a password: name the key, never echo the value.
@@ -408,6 +414,20 @@ def _lower_choices(settings: Settings) -> Settings:
             settings, **{section: dataclasses.replace(part, **{key: lowered})}
         )
     return settings
+
+
+def read_encryption_key(path: str) -> bytes:
+    """The AES key in ``path`` (base64 of 16, 24 or 32 bytes), or a ConfigError."""
+    try:
+        key = base64.b64decode(Path(path).read_text(encoding="ascii").strip(), validate=True)
+    except (OSError, ValueError):
+        key = b""
+    if len(key) not in (16, 24, 32):
+        raise ConfigError(
+            "auth.redis_encryption_key_file: expected the base64 of a 16, 24 or 32-byte key "
+            "(make one with: head -c 32 /dev/urandom | base64)"
+        )
+    return key
 
 
 def require_credentials(settings: Settings) -> None:

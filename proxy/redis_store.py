@@ -8,15 +8,18 @@ lock and then find the new token instead of fetching their own.
 
 Redis down or slow never fails a request: every call is bounded by a short timeout, errors are
 logged (once per outage) and counted, and the replica goes on with its own token and its own
-fetches until Redis answers again. The key is the credential's fingerprint, never the secret.
+fetches until Redis answers again. The key is the credential's fingerprint, never the secret;
+with ``auth.redis_encryption_key_file`` the value is sealed with AES-GCM (``cryptography``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -48,6 +51,7 @@ class RedisTokenStore:
         *,
         prefix: str,
         lock_seconds: float,
+        encryption_key: bytes | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self._client = redis.Redis.from_url(
@@ -58,6 +62,7 @@ class RedisTokenStore:
         self._lock_ms = int(lock_seconds * 1000)
         self._release = self._client.register_script(_RELEASE)
         self._metrics = metrics
+        self._sealer = _Sealer(encryption_key, self._key) if encryption_key else None
         self.healthy = True
 
     async def close(self) -> None:
@@ -90,6 +95,10 @@ class RedisTokenStore:
         self._ok()
         if raw is None:
             return None
+        if self._sealer is not None:
+            raw = self._sealer.open(raw if isinstance(raw, bytes) else raw.encode())
+            if raw is None:
+                return None
         try:
             return decode(json.loads(raw))
         except (ValueError, RecursionError):
@@ -100,8 +109,11 @@ class RedisTokenStore:
         ttl_ms = int(token.remaining() * 1000)
         if ttl_ms <= 0:
             return
+        value = json.dumps(encode(token)).encode()
+        if self._sealer is not None:
+            value = self._sealer.seal(value)
         try:
-            await self._client.set(self._key, json.dumps(encode(token)), px=ttl_ms)
+            await self._client.set(self._key, value, px=ttl_ms)
         except (RedisError, OSError) as exc:
             self._failed("write", exc)
         else:
@@ -140,3 +152,35 @@ class RedisTokenStore:
                     await self._release(keys=[self._lock_key], args=[owner])
                 except (RedisError, OSError) as exc:
                     self._failed("unlock", exc)  # it expires by itself
+
+
+class _Sealer:
+    """AES-GCM for the value at rest; the Redis key is the associated data, so a value
+    cannot be moved to another credential's key."""
+
+    PREFIX = b"aesgcm1:"
+
+    def __init__(self, key: bytes, name: str) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # only when configured
+
+        self._aead = AESGCM(key)
+        self._name = name.encode()
+        self._warned = False
+
+    def seal(self, plain: bytes) -> bytes:
+        nonce = os.urandom(12)
+        return self.PREFIX + base64.b64encode(nonce + self._aead.encrypt(nonce, plain, self._name))
+
+    def open(self, sealed: bytes) -> bytes | None:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            if not sealed.startswith(self.PREFIX):
+                raise ValueError("not sealed")
+            blob = base64.b64decode(sealed[len(self.PREFIX) :])
+            return self._aead.decrypt(blob[:12], blob[12:], self._name)
+        except (ValueError, InvalidTag):
+            if not self._warned:  # a replica with another key, or none: fetch our own
+                log.warning("cannot decrypt the shared token (another key?); ignoring it")
+                self._warned = True
+            return None

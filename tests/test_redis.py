@@ -7,6 +7,7 @@ starts its own on a free port, with persistence off.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import shutil
@@ -344,3 +345,53 @@ async def test_a_fleet_spends_one_token_per_lifetime(
     assert set(statuses) == {200}
     # 60 s of 20-second tokens refreshed ~2 s early: the first, then about one per 18 s.
     assert 3 <= len(token_server.issued) <= 5
+
+
+async def test_encryption_at_rest(
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    redis_server: RedisServer,
+    tmp_path: Path,
+) -> None:
+    """With a key file, Redis holds only ciphertext; the same key shares, another cannot read."""
+    key_file, other_key = tmp_path / "key", tmp_path / "other"
+    key_file.write_text(base64.b64encode(bytes(range(32))).decode())
+    other_key.write_text(base64.b64encode(bytes(range(1, 33))).decode())
+    sealed = redis_settings(
+        token_server, upstream, redis_server.url, redis_encryption_key_file=str(key_file)
+    )
+    async with Proxy(sealed) as first:
+        await wait_for(lambda: first.app[TOKENS].current() is not None)
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        keys = await client.keys("sparks-proxy:token:*")
+        value = await client.get(keys[0])
+    finally:
+        await client.aclose()
+    assert token_server.issued[0].encode() not in value
+    assert value.startswith(b"aesgcm1:")
+    async with Proxy(sealed) as same_key:  # reads the sealed token: no new request
+        await wait_for(lambda: same_key.app[TOKENS].current() is not None)
+    assert len(token_server.issued) == 1
+    other = redis_settings(
+        token_server, upstream, redis_server.url, redis_encryption_key_file=str(other_key)
+    )
+    async with Proxy(other) as wrong_key:  # cannot read it: fetches its own
+        await wait_for(lambda: wrong_key.app[TOKENS].current() is not None)
+    assert len(token_server.issued) == 2
+
+
+def test_a_malformed_encryption_key_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key file must hold the base64 of an AES key; the error says how to make one."""
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "key"
+    bad.write_text("not base64 at all!")
+    environ = {
+        "SPARKS_PROXY_AUTH_TOKEN_CACHE": "redis",
+        "SPARKS_PROXY_AUTH_REDIS_URL": "redis://127.0.0.1:1/0",
+        "SPARKS_PROXY_AUTH_REDIS_ENCRYPTION_KEY_FILE": str(bad),
+    }
+    with pytest.raises(ConfigError, match="head -c 32 /dev/urandom"):
+        load(None, environ)
