@@ -14,13 +14,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import __version__, config, logs
-from .app import client_session
+from .app import client_session, token_store
 from .config import Secret, Settings
 from .errors import ConfigError, TokenError
+from .metrics import Metrics
 from .server import Proxy, run, run_loop
 from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
-from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
-from .token_store import FileTokenStore
+from .token_endpoint import Token, TokenEndpoint
 from .workers import serve_workers
 
 EXIT_TOKEN_FAILED = 1
@@ -113,18 +113,21 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 async def _fetch(settings: Settings, *, use_store: bool) -> Token:
-    """One token; with ``use_store``, the persisted one while valid (and a new one is saved)."""
-    store = None
-    if use_store and settings.auth.token_cache_file:
-        store = FileTokenStore(settings.auth.token_cache_file, CredentialIdentity.of(settings.auth))
-        stored = store.load_now()
+    """One token; with ``use_store``, the shared one (file or Redis) while valid, and a new one
+    is shared when fetched."""
+    store = token_store(settings, Metrics()) if use_store else None
+    try:
+        stored = await store.load() if store is not None else None
         if stored is not None:
             return stored
-    async with client_session(settings) as session:
-        token = await TokenEndpoint(settings.auth, session).fetch()
-    if store is not None:
-        store.save_now(token)
-    return token
+        async with client_session(settings) as session:
+            token = await TokenEndpoint(settings.auth, session).fetch()
+        if store is not None:
+            await store.save(token)
+        return token
+    finally:
+        if store is not None:
+            await store.close()
 
 
 async def _demo(settings: Settings) -> None:

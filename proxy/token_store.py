@@ -113,14 +113,10 @@ class FileTokenStore:
 
     async def load(self) -> Token | None:
         """The stored token for this credential, if it is still good for a while."""
-        return self.load_now()
+        return decode(self._entries().get(self._key))  # a small file: read in place
 
     async def close(self) -> None:
         """Nothing to let go of: the file is opened per call."""
-
-    def load_now(self) -> Token | None:
-        """:meth:`load` without the event loop (the ``token`` command)."""
-        return decode(self._entries().get(self._key))
 
     @contextlib.asynccontextmanager
     async def exclusive(
@@ -167,12 +163,12 @@ class FileTokenStore:
     async def save(self, token: Token) -> None:
         """Store ``token``; a write that fails is logged, and the proxy carries on."""
         try:
-            await asyncio.to_thread(self.save_now, token)
+            await asyncio.to_thread(self._save, token)
         except OSError as exc:
             log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
 
-    def save_now(self, token: Token) -> None:
-        """Store ``token`` for this credential; drop other credentials' expired entries."""
+    def _save(self, token: Token) -> None:
+        # Drop other credentials' expired entries while at it.
         now = time.time()
         entries = {
             key: entry

@@ -28,7 +28,7 @@ from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 
 from .support import make_settings, wait_for
-from .test_cli import auth_config, cli_env, cli_process, free_port, wait_ready
+from .test_cli import auth_config, cli_env, cli_process, free_port, run_cli, wait_ready
 
 
 class RedisServer:
@@ -395,3 +395,15 @@ def test_a_malformed_encryption_key_is_a_config_error(
     }
     with pytest.raises(ConfigError, match="head -c 32 /dev/urandom"):
         load(None, environ)
+
+
+async def test_token_command_shares_through_redis(
+    tmp_path: Path, token_server: StandInTokenServer, redis_server: RedisServer
+) -> None:
+    """``sparks-proxy token`` twice with the Redis cache: the same token, one request."""
+    config = redis_config(tmp_path, token_server, "http://127.0.0.1:1", redis_server.url)
+    first = await run_cli(["token", "--config", config], tmp_path, cli_env())
+    second = await run_cli(["token", "--config", config], tmp_path, cli_env())
+    assert first[0] == second[0] == 0
+    assert first[1] == second[1] == token_server.issued[0] + "\n"
+    assert len(token_server.issued) == 1

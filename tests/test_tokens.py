@@ -506,7 +506,7 @@ async def test_waiting_on_a_hung_lock_holder_takes_the_token_it_stored(
             await asyncio.sleep(0.3)
             stored = Token(value="stored.by.the.holder", expires_at=time.monotonic() + 3600,
                            lifetime=3600)  # fmt: skip
-            FileTokenStore(str(cache), CredentialIdentity.of(settings.auth)).save_now(stored)
+            await FileTokenStore(str(cache), CredentialIdentity.of(settings.auth)).save(stored)
             await wait_ready(proxy, timeout=2)
             token = proxy.app[TOKENS].current()
     assert token is not None
