@@ -5,19 +5,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
 
 from proxy import config
 from proxy.app import TOKENS
 from proxy.config import AuthSettings, Secret, ServerSettings, Settings, UpstreamSettings
 from proxy.server import Proxy
-from proxy.standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
+from proxy.standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer
+
+from .rawhttp import RawUpstream, Responder
+
+
+class HasUrl(Protocol):
+    """Anything served on loopback with a base URL (a stand-in, a raw upstream)."""
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>``."""
 
 
 def make_settings(
-    token_source: StandInTokenServer, upstream_server: StandInUpstream, **sections: dict[str, Any]
+    token_source: StandInTokenServer, upstream_server: HasUrl, **sections: dict[str, Any]
 ) -> Settings:
     """Validated settings pointing at the stand-ins; ``sections`` override single keys."""
     base = Settings(
@@ -38,6 +48,19 @@ def make_settings(
 
 
 ProxyFactory = Callable[..., AbstractAsyncContextManager[Proxy]]
+
+
+@asynccontextmanager
+async def proxy_in_front_of(
+    token_source: StandInTokenServer, respond: Responder | None = None, **sections: dict[str, Any]
+) -> AsyncIterator[tuple[RawUpstream, Proxy]]:
+    """A raw upstream answering with ``respond``, and a ready proxy in front of it."""
+    async with (
+        RawUpstream(respond) as raw,
+        Proxy(make_settings(token_source, raw, **sections)) as proxy,
+    ):
+        await wait_ready(proxy)
+        yield raw, proxy
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -17,7 +17,7 @@ from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
 from .rawhttp import RawRequest, RawUpstream, canned, exchange, read_response
-from .support import ProxyFactory, make_settings, wait_ready
+from .support import ProxyFactory, make_settings, proxy_in_front_of, wait_ready
 
 
 def get(path: str, *headers: str, method: str = "GET", body: bytes = b"") -> bytes:
@@ -97,11 +97,7 @@ async def test_host_and_forwarded_headers(proxy: Proxy, upstream: StandInUpstrea
 
 async def test_nothing_is_added_to_a_bare_request(token_server: StandInTokenServer) -> None:
     """No User-Agent, Accept, Accept-Encoding, Content-Type, Content-Length or chunking."""
-    async with (
-        RawUpstream() as raw,
-        Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy,
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server) as (raw, proxy):
         for method in ("GET", "POST", "DELETE"):
             response = await exchange(proxy.port, get("/bare", method=method))
             assert response.status == 200
@@ -125,11 +121,7 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(
         b"X-Kept: yes\r\n"
         b"Content-Length: 2\r\n\r\nok"
     )
-    async with (
-        RawUpstream(canned(answer)) as raw,
-        Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy,
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, canned(answer)) as (raw, proxy):
         response = await exchange(
             proxy.port,
             get(
@@ -292,9 +284,7 @@ async def test_location_rewrite_strips_the_base_path(token_server: StandInTokenS
         await writer.drain()
 
     async with RawUpstream(redirect) as raw:
-        settings = make_settings(
-            token_server, raw_as_upstream(raw), upstream={"url": raw.url + "/base"}
-        )
+        settings = make_settings(token_server, raw, upstream={"url": raw.url + "/base"})
         async with Proxy(settings) as proxy:
             await wait_ready(proxy)
             answers = [await exchange(proxy.port, get("/r")) for _ in range(4)]
@@ -421,12 +411,11 @@ async def test_read_timeout_is_between_bytes_not_a_transfer_cap(
             writer.write(b"x")
             await writer.drain()
 
-    async with RawUpstream(trickle) as raw:
-        settings = make_settings(token_server, raw_as_upstream(raw), upstream={"read_timeout": 0.3})
-        async with Proxy(settings) as proxy:
-            await wait_ready(proxy)
-            async with client.get(proxy.url + "/trickle") as response:
-                body = await response.read()
+    async with (
+        proxy_in_front_of(token_server, trickle, upstream={"read_timeout": 0.3}) as (_, proxy),
+        client.get(proxy.url + "/trickle") as response,
+    ):
+        body = await response.read()
     assert body == b"x" * 10
 
 
@@ -440,14 +429,13 @@ async def test_stall_mid_body_aborts_the_client_connection(
         await writer.drain()
         await asyncio.sleep(5)
 
-    async with RawUpstream(stall) as raw:
-        settings = make_settings(token_server, raw_as_upstream(raw), upstream={"read_timeout": 0.3})
-        async with Proxy(settings) as proxy:
-            await wait_ready(proxy)
-            async with client.get(proxy.url + "/stall") as response:
-                assert response.status == 200
-                with pytest.raises(aiohttp.ClientPayloadError):
-                    await response.read()
+    async with (
+        proxy_in_front_of(token_server, stall, upstream={"read_timeout": 0.3}) as (_, proxy),
+        client.get(proxy.url + "/stall") as response,
+    ):
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
 
 
 async def test_short_upstream_body_aborts_the_client_connection(
@@ -455,11 +443,7 @@ async def test_short_upstream_body_aborts_the_client_connection(
 ) -> None:
     """Content-Length promises more than the upstream sends: the client is not told it is whole."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000
-    async with (
-        RawUpstream(canned(answer, close=True)) as raw,
-        Proxy(make_settings(token_server, raw_as_upstream(raw))) as proxy,
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, canned(answer, close=True)) as (_raw, proxy):
         async with client.get(proxy.url + "/short") as response:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
@@ -530,11 +514,6 @@ async def test_a_persistent_401_costs_one_retry_per_request_at_most(
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-
-def raw_as_upstream(raw: RawUpstream) -> StandInUpstream:
-    """Settings only need ``.url`` of the upstream."""
-    return raw  # type: ignore[return-value]
 
 
 def _closed_port() -> int:

@@ -20,8 +20,8 @@ from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
-from .rawhttp import RawRequest, RawUpstream, canned, exchange, read_response
-from .support import ProxyFactory, make_settings, wait_for, wait_ready
+from .rawhttp import RawRequest, canned, exchange, read_response
+from .support import ProxyFactory, make_settings, proxy_in_front_of, wait_for, wait_ready
 
 POST = b"POST /x HTTP/1.1\r\nHost: p\r\n"
 CHUNKED = POST + b"Transfer-Encoding: chunked\r\n\r\n"
@@ -264,11 +264,7 @@ async def test_upstream_reset_mid_response_aborts_the_client(
         await writer.drain()
         writer.transport.abort()
 
-    async with (
-        RawUpstream(reset) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, reset) as (_raw, proxy):
         async with client.get(proxy.url + "/reset") as response:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
@@ -285,11 +281,7 @@ async def test_upstream_header_with_cr_lf_is_a_502(token_server: StandInTokenSer
         await writer.drain()
         writer.close()
 
-    async with (
-        RawUpstream(bad) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, bad) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /bad HTTP/1.1\r\nHost: p\r\n\r\n")
         after = await exchange(proxy.port, b"GET /-/healthz HTTP/1.1\r\nHost: p\r\n\r\n")
     assert response.status == 502
@@ -308,11 +300,7 @@ async def test_upstream_body_longer_than_its_length_never_passes_the_extra(
         await writer.drain()
         writer.close()
 
-    async with (
-        RawUpstream(long) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, long) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /long HTTP/1.1\r\nHost: p\r\n\r\n")
     # aiohttp's client parser sees the extra bytes with the answer and refuses the whole
     # response: an honest 502 rather than a guess at which bytes were meant.
@@ -331,11 +319,7 @@ async def test_stale_pooled_connection_is_retried_for_idempotent_requests(
         await asyncio.sleep(0.05)
         writer.close()  # advertised keep-alive, then closed while idle
 
-    async with (
-        RawUpstream(once) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, once) as (raw, proxy):
         first = await exchange(proxy.port, b"GET /a HTTP/1.1\r\nHost: p\r\n\r\n")
         await asyncio.sleep(0.2)
         second = await exchange(proxy.port, b"GET /b HTTP/1.1\r\nHost: p\r\n\r\n")
@@ -590,11 +574,7 @@ async def test_upstream_answers_the_proxy_cannot_relay_faithfully_are_502(
     token_server: StandInTokenServer, answer: bytes
 ) -> None:
     """Bytes aiohttp would alter, or a protocol switch: 502 rather than a changed answer."""
-    async with (
-        RawUpstream(canned(answer, close=True)) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, canned(answer, close=True)) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
     assert response.status == 502
 
@@ -602,11 +582,7 @@ async def test_upstream_answers_the_proxy_cannot_relay_faithfully_are_502(
 async def test_a_bug_is_counted_as_500_not_as_a_hang_up(token_server: StandInTokenServer) -> None:
     """An upstream reason phrase with a control byte: 502, and the access record agrees."""
     answer = b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok"
-    async with (
-        RawUpstream(canned(answer, close=True)) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(token_server, canned(answer, close=True)) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
     assert response.status == 502
     assert response.header(ERROR_HEADER) == ["bad_upstream_response"]
@@ -629,11 +605,9 @@ async def test_relayed_answers_gain_no_server_or_content_type(
     token_server: StandInTokenServer,
 ) -> None:
     """What the upstream did not send, the client does not get (Date excepted)."""
-    async with (
-        RawUpstream(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")) as raw,
-        Proxy(make_settings(token_server, raw)) as proxy,  # type: ignore[arg-type]
-    ):
-        await wait_ready(proxy)
+    async with proxy_in_front_of(
+        token_server, canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    ) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
     names = {name.lower() for name, _ in response.headers}
     assert "server" not in names
