@@ -27,6 +27,7 @@ from .request_checks import RequestPolicy
 from .token_endpoint import CredentialIdentity, TokenEndpoint
 from .token_store import FileTokenStore, TokenStore
 from .tokens import TokenManager
+from .upstream import UpstreamPool
 
 log = logging.getLogger("sparks_proxy.errors")
 
@@ -51,49 +52,33 @@ def create_app(settings: Settings) -> web.Application:
 
 
 def client_session(settings: Settings) -> aiohttp.ClientSession:
-    """The one upstream/token-endpoint session, with a proxy's defaults, not a browser's."""
+    """The token endpoint's session, with a proxy's defaults, not a browser's."""
     upstream = settings.upstream
     # aiohttp's own verified context serves unless a private CA is added (one less CA-store
     # load at start-up).
     ssl_context: ssl.SSLContext | bool = (
         ssl.create_default_context(cafile=upstream.ca_file) if upstream.ca_file else True
     )
-    connector = aiohttp.TCPConnector(
-        limit=0,  # the forwarder bounds upstream concurrency itself (upstream.pool_size)
-        ssl=ssl_context,  # always verified; ca_file adds a private CA
-    )
     return aiohttp.ClientSession(
-        connector=connector,
-        # One client's cookies must never reach another client's request.
+        connector=aiohttp.TCPConnector(ssl=ssl_context),  # always verified; ca_file adds a CA
+        # No cookie is kept from one token request to the next.
         cookie_jar=aiohttp.DummyCookieJar(),
-        # Bodies pass through as the upstream sent them.
         auto_decompress=False,
-        # Add no header the client did not send.
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        request_class=VerbatimRequest,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
         timeout=aiohttp.ClientTimeout(
             total=None,
             sock_connect=upstream.connect_timeout,
             sock_read=upstream.read_timeout,
         ),
         trust_env=upstream.trust_env,
-        # Paths and queries are sent exactly as received; see forward._origin_form.
-        requote_redirect_url=False,
     )
 
 
-class VerbatimRequest(aiohttp.ClientRequest):
-    """A client request that adds no ``Content-Length: 0`` to a request that had no body."""
-
-    def update_body_from_data(self, body: object, _stacklevel: int = 3) -> None:
-        """Leave a bodiless request bodiless; otherwise as aiohttp does."""
-        if body is None:
-            return
-        super().update_body_from_data(body, _stacklevel)
-
-
 async def upstream_client(app: web.Application) -> AsyncIterator[None]:
-    """Cleanup context: the ClientSession and TokenManager, started and closed together."""
+    """Cleanup context: the upstream pool, the token session and the TokenManager.
+
+    Started together and closed in reverse order.
+    """
     settings = app[SETTINGS]
     metrics = app[METRICS]
     async with client_session(settings) as session:
@@ -101,13 +86,15 @@ async def upstream_client(app: web.Application) -> AsyncIterator[None]:
         tokens = TokenManager(
             settings.auth, TokenEndpoint(settings.auth, session), store=store, metrics=metrics
         )
+        pool = UpstreamPool(settings.upstream)
         await tokens.start()
         try:
             app[TOKENS] = tokens
-            app[FORWARDER] = Forwarder(settings, session, tokens, metrics)
+            app[FORWARDER] = Forwarder(settings, pool, tokens, metrics)
             app[ADMIN] = Admin(tokens, metrics, app[LIFECYCLE], settings.server)
             yield
         finally:
+            pool.close()
             await tokens.close()
             if store is not None:
                 await store.close()

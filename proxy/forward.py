@@ -11,22 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from .bodies import StreamedBody, expects_continue, read_whole, send_continue
 from .config import Settings
-from .errors import (
-    BadUpstreamResponse,
-    PayloadTooLarge,
-    UpstreamBusy,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from .errors import BadUpstreamResponse, PayloadTooLarge, ProxyError, UpstreamBusy
 from .headers import (
     LocationRewriter,
     downstream_response_headers,
@@ -36,6 +27,7 @@ from .headers import (
 from .metrics import Metrics
 from .token_endpoint import Token
 from .tokens import TokenManager
+from .upstream import Body, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("sparks_proxy.forward")
 
@@ -49,21 +41,21 @@ class Forwarder:
     def __init__(
         self,
         settings: Settings,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         tokens: TokenManager,
         metrics: Metrics,
     ) -> None:
         upstream = settings.upstream
-        self._base = upstream.url  # origin plus optional base path, no trailing slash
-        self._session = session
+        self._pool = pool
+        self._base_path = urlsplit(upstream.url).path  # "" or "/v1": no trailing slash
         self._tokens = tokens
         self._metrics = metrics
         self._replay_limit = upstream.replay_body_limit
         self._max_body = settings.server.max_body_size
         self._body_timeout = settings.server.body_timeout
         self._pool_timeout = upstream.pool_timeout
-        # The pool's size is enforced here, not in aiohttp's connector: a wait for a slot
-        # is then told apart from a slow connect, and token requests never queue behind it.
+        # The pool's size is enforced here: a wait for a slot is then told apart from a slow
+        # connect, and token requests never queue behind it.
         self._slots = asyncio.Semaphore(upstream.pool_size)
         self._location = LocationRewriter(upstream.url)
 
@@ -78,13 +70,13 @@ class Forwarder:
         in_flight = self._metrics.in_flight
         in_flight.inc()
         try:
-            url = URL(self._base + target, encoded=True)
+            target = self._base_path + target
             body, replayable, streamed = await self._body(request)
             await self._take_slot()
             try:
                 # Taken after the slot: a token must not expire while the request queues.
                 token = await self._tokens.get()
-                return await self._exchange(request, url, body, replayable, streamed, token)
+                return await self._exchange(request, target, body, replayable, streamed, token)
             finally:
                 self._slots.release()
         finally:
@@ -108,22 +100,31 @@ class Forwarder:
     async def _exchange(
         self,
         request: web.BaseRequest,
-        url: URL,
-        body: bytes | AsyncIterator[bytes] | None,
+        target: str,
+        body: Body,
         replayable: bool,
         streamed: StreamedBody | None,
         token: Token,
     ) -> tuple[web.StreamResponse, float]:
         """Send, retry once on 401 with a new token when the body allows, relay the answer."""
+        # A streamed body of unknown length goes upstream chunked, as the client sent it.
+        chunked = streamed is not None and request.content_length is None
         while True:
-            headers = upstream_request_headers(
+            fields = upstream_request_headers(
                 request.headers,
                 authorization=token.authorization,
                 client_ip=request.remote,
                 proto=request.scheme,
             )
             sent = time.monotonic()
-            upstream = await self._send(request.method, url, headers, body, streamed)
+            try:
+                upstream = await self._pool.request(
+                    request.method, target, fields, body, chunked=chunked
+                )
+            except ProxyError:
+                if streamed is not None and streamed.failure is not None:
+                    raise streamed.failure from None  # the client's body failed first
+                raise
             if upstream.status != 401 or not replayable or not self._tokens.invalidate(token):
                 break
             upstream.release()
@@ -136,9 +137,7 @@ class Forwarder:
         finally:
             upstream.release()
 
-    async def _body(
-        self, request: web.BaseRequest
-    ) -> tuple[bytes | AsyncIterator[bytes] | None, bool, StreamedBody | None]:
+    async def _body(self, request: web.BaseRequest) -> tuple[Body, bool, StreamedBody | None]:
         """The body to send upstream, whether it can be sent twice, and its stream if streamed."""
         expect_continue = expects_continue(request)
         length = request.content_length
@@ -156,53 +155,23 @@ class Forwarder:
         streamed = StreamedBody(request.content, self._max_body, self._body_timeout)
         return streamed.chunks(), False, streamed
 
-    async def _send(
-        self,
-        method: str,
-        url: URL,
-        headers: CIMultiDict[str],
-        body: bytes | AsyncIterator[bytes] | None,
-        streamed: StreamedBody | None,
-    ) -> aiohttp.ClientResponse:
-        try:
-            return await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            )
-        except aiohttp.ConnectionTimeoutError:
-            raise UpstreamUnreachable(
-                "could not connect to the upstream within upstream.connect_timeout"
-            ) from None
-        except aiohttp.SocketTimeoutError:
-            raise UpstreamTimeout(
-                "the upstream sent no answer within upstream.read_timeout"
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                f"could not connect to the upstream ({_reason(exc)})"
-            ) from None
-        except (aiohttp.ClientError, ConnectionError) as exc:
-            if streamed is not None and streamed.failure is not None:
-                raise streamed.failure from None
-            raise BadUpstreamResponse(
-                f"the upstream connection failed ({type(exc).__name__})"
-            ) from None
-
     async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
+        self, request: web.BaseRequest, upstream: UpstreamResponse
     ) -> web.StreamResponse:
-        if upstream.status < 200:
+        message = upstream.message
+        if message.code < 200:
             # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
-            raise BadUpstreamResponse(f"the upstream answered {upstream.status}, not relayed")
-        if not passes_unchanged(upstream.raw_headers) or not _printable(upstream.reason):
+            raise BadUpstreamResponse(f"the upstream answered {message.code}, not relayed")
+        if not passes_unchanged(message.raw_headers) or not _printable(message.reason):
             raise BadUpstreamResponse(
                 "the upstream sent a header or reason phrase the proxy cannot pass on unchanged"
             )
         host = request.headers.get("Host")
         response = RelayedResponse(
-            status=upstream.status,
-            reason=upstream.reason,
+            status=message.code,
+            reason=message.reason,
             headers=downstream_response_headers(
-                upstream.headers,
+                message.headers,
                 location=self._location,
                 proxy_origin=f"{request.scheme}://{host}" if host else None,
             ),
@@ -210,6 +179,7 @@ class Forwarder:
         length = upstream.content_length
         try:
             if length is not None and length <= SMALL_ANSWER:
+                # Read before anything is sent: a failure is still a clean 502 or 504.
                 body = await upstream.read()
                 await response.prepare(request)
                 await response.write_eof(body)
@@ -217,27 +187,23 @@ class Forwarder:
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            await response.write_eof()
+        except ConnectionResetError:
+            raise asyncio.CancelledError from None  # the client hung up: logged as such
+        except ProxyError as error:
             if not response.prepared:
-                if isinstance(exc, TimeoutError):
-                    raise UpstreamTimeout(
-                        "the upstream stopped sending within upstream.read_timeout"
-                    ) from None
-                raise BadUpstreamResponse(
-                    f"the upstream answer was cut short ({type(exc).__name__})"
-                ) from None
+                raise
             # Headers are out: the only honest signal left is to cut the connection, so the
             # client never takes a truncated body for a complete one.
             log.warning(
-                "%s %s: upstream answer cut short (%s); aborting the client connection",
+                "%s %s: %s; aborting the client connection",
                 request.method,
                 request.raw_path.partition("?")[0],
-                type(exc).__name__,
+                error.detail,
             )
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError from None
-        await response.write_eof()
         return response
 
 
@@ -256,7 +222,3 @@ class RelayedResponse(web.StreamResponse):
 
 def _printable(reason: str | None) -> bool:
     return reason is None or (reason.isascii() and reason.isprintable())
-
-
-def _reason(exc: aiohttp.ClientConnectorError) -> str:
-    return exc.os_error.strerror or type(exc.os_error).__name__

@@ -53,26 +53,26 @@ def upstream_request_headers(
     authorization: str,
     client_ip: str | None,
     proto: str,
-) -> CIMultiDict[str]:
-    """The headers to send upstream for a client request with ``headers``.
+) -> list[tuple[str, str]]:
+    """The header fields to send upstream for a client request with ``headers``, in order.
 
     Drops hop-by-hop fields and client credentials, sets the proxy's ``Authorization``, and
     appends the client to ``X-Forwarded-For``/``-Proto``/``-Host``. Everything else passes in
-    order, repeats included; nothing the client did not send is added.
+    order, repeats included; nothing the client did not send is added. ``Host`` is the
+    upstream's, written by the connection pool.
     """
     listed = connection_listed(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in _REQUEST_DROP or lower in listed:
-            continue
-        out.add(name, value)
-    out["Authorization"] = authorization
-    out["X-Forwarded-For"] = _appended(headers, "X-Forwarded-For", listed, client_ip)
-    out["X-Forwarded-Proto"] = _appended(headers, "X-Forwarded-Proto", listed, proto)
+    out = [
+        (name, value)
+        for name, value in headers.items()
+        if (lower := name.lower()) not in _REQUEST_DROP and lower not in listed
+    ]
+    out.append(("Authorization", authorization))
+    out.append(("X-Forwarded-For", _appended(headers, "X-Forwarded-For", listed, client_ip)))
+    out.append(("X-Forwarded-Proto", _appended(headers, "X-Forwarded-Proto", listed, proto)))
     host = headers.get("Host")
     if host is not None:
-        out["X-Forwarded-Host"] = _appended(headers, "X-Forwarded-Host", listed, host)
+        out.append(("X-Forwarded-Host", _appended(headers, "X-Forwarded-Host", listed, host)))
     return out
 
 

@@ -1,0 +1,520 @@
+"""The upstream side: a pool of keep-alive HTTP/1.1 connections to the one upstream origin.
+
+A general-purpose client does per request what a proxy to a single origin can do once: resolve
+the URL, merge default headers, pick a pool by key, build a request object and a new response
+parser, and re-arm a read timer on every packet. Here the request head is one string written
+with the body in one call, each connection keeps one parser (aiohttp's compiled llhttp parser)
+for its whole life, and each exchange has one read timer that is re-armed only when it fires.
+
+Every failure is a :class:`~proxy.errors.ProxyError` (502, 504) carrying the proxy's own words:
+nothing the upstream or the client sent is quoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+
+from .config import UpstreamSettings
+from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
+
+READ_BUFFER = 64 * 1024
+"""Body bytes buffered per response before reading from the upstream pauses."""
+
+NO_ANSWER = "the upstream sent no answer within upstream.read_timeout"
+STALLED = "the upstream stopped sending within upstream.read_timeout"
+CUT_SHORT = "the upstream answer was cut short"
+CLOSED = "the upstream closed the connection without answering"
+MALFORMED = "the upstream sent a malformed answer"
+
+# Methods a client may repeat without changing the outcome (RFC 9110 9.2.2): sent again on a
+# fresh connection when a pooled one turns out to have been closed by the upstream.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where connections go and how requests are addressed: direct or via an egress proxy."""
+
+    host: str
+    """Host to connect to (the upstream's, or the egress proxy's)."""
+    port: int
+    tls: ssl.SSLContext | None
+    """TLS to the upstream (end to end, also through a CONNECT tunnel)."""
+    server_hostname: str
+    authority: str
+    """The upstream's ``Host`` header value."""
+    absolute_prefix: str = ""
+    """``http://host:port`` when requests go to a plain-HTTP egress proxy in absolute form."""
+    tunnel: bytes = b""
+    """The CONNECT request that opens a tunnel through an egress proxy, if any."""
+    proxy_authorization: str = ""
+
+    @classmethod
+    def of(cls, settings: UpstreamSettings) -> Route:
+        """The route to ``settings.url``; HTTP(S)_PROXY and NO_PROXY apply with ``trust_env``."""
+        url = urlsplit(settings.url)
+        scheme, host = url.scheme, url.hostname or ""
+        port = url.port or (443 if scheme == "https" else 80)
+        default_port = port == (443 if scheme == "https" else 80)
+        name = f"[{host}]" if ":" in host else host
+        authority = name if default_port else f"{name}:{port}"
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            tls = ssl.create_default_context(cafile=settings.ca_file or None)
+        route = cls(host, port, tls, host, authority)
+        proxy_url = _egress_proxy(scheme, host) if settings.trust_env else None
+        if proxy_url is None:
+            return route
+        proxy = urlsplit(proxy_url)
+        credentials = ""
+        if proxy.username is not None:
+            pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
+            credentials = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        proxy_host, proxy_port = proxy.hostname or "", proxy.port or 80
+        if tls is None:
+            return cls(
+                proxy_host,
+                proxy_port,
+                None,
+                host,
+                authority,
+                absolute_prefix=f"{scheme}://{authority}",
+                proxy_authorization=credentials,
+            )
+        connect = f"CONNECT {name}:{port} HTTP/1.1\r\nHost: {name}:{port}\r\n"
+        if credentials:
+            connect += f"Proxy-Authorization: {credentials}\r\n"
+        return cls(proxy_host, proxy_port, tls, host, authority, tunnel=(connect + "\r\n").encode())
+
+
+def _egress_proxy(scheme: str, host: str) -> str | None:
+    proxies = urllib.request.getproxies_environment()
+    if urllib.request.proxy_bypass(host):  # NO_PROXY (the environment's, on POSIX)
+        return None
+    return proxies.get(scheme)
+
+
+class UpstreamResponse:
+    """An upstream answer: status line and headers as parsed, the body as a stream.
+
+    ``release()`` must be called once the body has been read (or abandoned): a connection whose
+    answer was read to its end goes back to the pool, any other is closed.
+    """
+
+    __slots__ = ("_connection", "content", "content_length", "message")
+
+    def __init__(
+        self, connection: UpstreamConnection, message: RawResponseMessage, content: StreamReader
+    ) -> None:
+        self._connection = connection
+        self.message = message
+        self.content = content
+        length = message.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+
+    @property
+    def status(self) -> int:
+        """The status code."""
+        return self.message.code
+
+    async def read(self) -> bytes:
+        """The whole body (for answers known to be small)."""
+        return await self.content.read()
+
+    def release(self) -> None:
+        """Hand the connection back: to the pool when reusable, else closed."""
+        self._connection.finish(self)
+
+
+class UpstreamPool:
+    """Connections to the upstream origin, reused most-recent-first.
+
+    The pool does not bound how many connections are open: the forwarder holds one of
+    ``upstream.pool_size`` slots per exchange, so at most that many are ever busy or idle.
+    """
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self._route = Route.of(settings)
+        self._connect_timeout = settings.connect_timeout
+        self._read_timeout = settings.read_timeout
+        self._idle: list[UpstreamConnection] = []
+        self._open: set[UpstreamConnection] = set()
+        self._closed = False
+        prefix = self._route.absolute_prefix
+        host = f"Host: {self._route.authority}\r\n"
+        if self._route.proxy_authorization:
+            host += f"Proxy-Authorization: {self._route.proxy_authorization}\r\n"
+        self._line_end = " HTTP/1.1\r\n" + host  # after "<method> <prefix><target>"
+        self._target_prefix = prefix
+
+    async def request(
+        self,
+        method: str,
+        target: str,
+        fields: Iterable[tuple[str, str]],
+        body: Body,
+        *,
+        chunked: bool = False,
+    ) -> UpstreamResponse:
+        """Send one request and wait for the answer's head.
+
+        ``fields`` are sent in order after ``Host``; framing is the caller's: ``Content-Length``
+        among the fields for a body of known size, or ``chunked`` to frame a streamed one.
+        """
+        head = self._head(method, target, fields, chunked)
+        connection = self._take_idle()
+        if connection is not None:
+            try:
+                return await connection.exchange(head, method, body, chunked)
+            except _StaleConnection:
+                if not (method in IDEMPOTENT and (body is None or isinstance(body, bytes))):
+                    raise BadUpstreamResponse(CLOSED) from None
+        connection = await self._connect()
+        try:
+            return await connection.exchange(head, method, body, chunked)
+        except _StaleConnection:
+            raise BadUpstreamResponse(CLOSED) from None
+
+    def _head(
+        self, method: str, target: str, fields: Iterable[tuple[str, str]], chunked: bool
+    ) -> bytes:
+        parts = [method, " ", self._target_prefix, target, self._line_end]
+        for name, value in fields:
+            parts += (name, ": ", value, "\r\n")
+        if chunked:
+            parts.append("Transfer-Encoding: chunked\r\n")
+        parts.append("\r\n")
+        # Header values were checked to be ASCII or UTF-8, as received.
+        return "".join(parts).encode("utf-8", "surrogateescape")
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if connection.usable():
+                return connection
+        return None
+
+    def park(self, connection: UpstreamConnection) -> None:
+        """Keep a connection whose exchange ended cleanly for the next request."""
+        if self._closed:
+            connection.close()
+        else:
+            self._idle.append(connection)
+
+    def forget(self, connection: UpstreamConnection) -> None:
+        """Drop a connection that closed."""
+        self._open.discard(connection)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(connection)
+
+    async def _connect(self) -> UpstreamConnection:
+        route = self._route
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                direct_tls = route.tls if not route.tunnel else None
+                _, connection = await loop.create_connection(
+                    lambda: UpstreamConnection(loop, self, self._read_timeout),
+                    route.host,
+                    route.port,
+                    ssl=direct_tls,
+                    server_hostname=route.server_hostname if direct_tls else None,
+                )
+                self._open.add(connection)
+                if route.tunnel:
+                    assert route.tls is not None
+                    await connection.open_tunnel(route.tunnel, route.tls, route.server_hostname)
+        except TimeoutError:
+            raise UpstreamUnreachable(
+                "could not connect to the upstream within upstream.connect_timeout"
+            ) from None
+        except ssl.SSLError as exc:
+            raise UpstreamUnreachable(
+                f"could not connect to the upstream (TLS: {exc.reason or type(exc).__name__})"
+            ) from None
+        except OSError as exc:
+            raise UpstreamUnreachable(
+                f"could not connect to the upstream ({exc.strerror or type(exc).__name__})"
+            ) from None
+        return connection
+
+    def close(self) -> None:
+        """Close every connection, idle or busy; later releases close theirs too."""
+        self._closed = True
+        for connection in list(self._open):
+            connection.close()
+        self._idle.clear()
+
+
+class _BodyFailed(BadUpstreamResponse):
+    """A body the parser could not complete; its own message may quote the upstream."""
+
+    def __init__(self, *_: object) -> None:
+        super().__init__(CUT_SHORT)
+
+
+class _StaleConnection(Exception):
+    """A reused connection was closed by the upstream before any answer byte: send again."""
+
+
+class UpstreamConnection(BaseProtocol):
+    """One connection to the upstream: one exchange at a time, one parser for its lifetime."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool, read_timeout: float
+    ) -> None:
+        super().__init__(loop)
+        self._pool = pool
+        self._read_timeout = read_timeout
+        self._reader = self._parser = self._new_parser(with_body=True)
+        self._head_parser = False  # whether the parser skips bodies (after a HEAD request)
+        self._answer: asyncio.Future[UpstreamResponse] | None = None
+        self._body: StreamReader | None = None
+        self._message: RawResponseMessage | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_read = 0.0
+        self._received = False  # any byte of the current exchange's answer
+        self._exchanges = 0
+        self._tunnel: asyncio.Future[None] | None = None
+        self._tunnel_head = b""
+
+    def _new_parser(self, *, with_body: bool) -> HttpResponseParser:
+        return HttpResponseParser(
+            self,
+            self._loop,
+            READ_BUFFER,
+            payload_exception=_BodyFailed,
+            response_with_body=with_body,
+            read_until_eof=True,
+            auto_decompress=False,  # bodies pass through as sent
+        )
+
+    def usable(self) -> bool:
+        """Whether an idle connection can carry another exchange."""
+        transport = self.transport
+        return transport is not None and not transport.is_closing()
+
+    async def exchange(
+        self, head: bytes, method: str, body: Body, chunked: bool
+    ) -> UpstreamResponse:
+        """Write the request, wait for the answer's head (skipping interim 1xx answers)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise _StaleConnection
+        reused = self._exchanges > 0
+        self._exchanges += 1
+        self._received = False
+        if (method == "HEAD") != self._head_parser:
+            self._head_parser = method == "HEAD"
+            self._reader = self._parser = self._new_parser(with_body=not self._head_parser)
+        answer: asyncio.Future[UpstreamResponse] = self._loop.create_future()
+        self._answer = answer
+        if body is None or isinstance(body, bytes):
+            transport.write(head + body if body else head)
+            self._start_timer()
+        else:
+            transport.write(head)
+            self._writer = self._loop.create_task(self._write_body(transport, body, chunked))
+            self._writer.add_done_callback(self._body_written)
+        try:
+            return await answer
+        except BadUpstreamResponse as exc:
+            if reused and not self._received and exc.detail == CLOSED:
+                raise _StaleConnection from None
+            raise
+        finally:
+            self._answer = None
+
+    async def _write_body(
+        self, transport: asyncio.Transport, body: AsyncIterator[bytes], chunked: bool
+    ) -> None:
+        async for chunk in body:
+            if transport.is_closing():
+                return  # the answer (or its failure) says what happened
+            if chunked:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            if self._paused:
+                await self._drain_helper()
+        if chunked and not transport.is_closing():
+            transport.write(b"0\r\n\r\n")
+
+    def _body_written(self, writer: asyncio.Task[None]) -> None:
+        if writer.cancelled():
+            return
+        failure = writer.exception()
+        if failure is None:
+            if self._answer is not None or self._body is not None:
+                self._start_timer()  # the whole request is out: the upstream's turn
+            return
+        # The client's body failed (or the upstream went away): this exchange is over.
+        answer = self._answer
+        if answer is not None and not answer.done():
+            error = failure if isinstance(failure, ProxyError) else BadUpstreamResponse(CLOSED)
+            answer.set_exception(error)
+        self.close()
+
+    # -- the read timer: one per exchange, pushed back only when it fires -----------------
+
+    def _start_timer(self) -> None:
+        if self._read_timeout and self._timer is None:
+            self._last_read = self._loop.time()
+            self._timer = self._loop.call_at(
+                self._last_read + self._read_timeout, self._timer_fired
+            )
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        if self._reading_paused:
+            self._last_read = now  # waiting for the client to take the body, not the upstream
+        due = self._last_read + self._read_timeout
+        if due > now:  # bytes came meanwhile
+            self._timer = self._loop.call_at(due, self._timer_fired)
+            return
+        self._fail(UpstreamTimeout(NO_ANSWER if self._body is None else STALLED))
+
+    # -- protocol callbacks ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Parse the answer; hand its head to the waiting exchange and feed its body."""
+        if self._tunnel is not None:
+            self._tunnel_data(data)
+            return
+        if data:
+            if self._answer is None and self._body is None:
+                # Nothing was asked: an upstream that talks out of turn is not trusted again.
+                self.close()
+                return
+            self._received = True
+            self._last_read = self._loop.time()
+        try:
+            messages, upgraded, _ = self._reader.feed_data(data)
+        except HttpProcessingError:
+            self._fail(BadUpstreamResponse(MALFORMED))
+            return
+        for message, payload in messages:
+            code = message.code
+            if 100 <= code < 200 and code != 101:
+                continue  # interim answers (100, 103) are not relayed
+            self._message = message
+            content = payload
+            if self._head_parser or code in (101, 204, 304):
+                content = EMPTY_PAYLOAD
+            else:
+                self._body = payload
+                self._start_timer()  # no-op unless the answer came before the request's end
+                payload.on_eof(self._body_done)
+            answer = self._answer
+            if answer is not None and not answer.done():
+                answer.set_result(UpstreamResponse(self, message, content))
+            if content is EMPTY_PAYLOAD:
+                self._stop_timer()
+        if upgraded:
+            self.close()  # only a 101 does this; the forwarder refuses it
+
+    def _body_done(self) -> None:
+        self._stop_timer()
+
+    def eof_received(self) -> bool:
+        """Let the transport close: an upstream that half-closes is done."""
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        """Finish a body delimited by the close; fail whatever else was waiting."""
+        self._stop_timer()
+        self._pool.forget(self)
+        with contextlib.suppress(Exception):  # an incomplete body: failed just below
+            self._reader.feed_eof()  # ends a body delimited by the close
+        body = self._body
+        if body is not None and not body.is_eof():
+            body.set_exception(BadUpstreamResponse(CUT_SHORT))
+        answer = self._answer
+        if answer is not None and not answer.done():
+            answer.set_exception(BadUpstreamResponse(CLOSED))
+        if self._tunnel is not None and not self._tunnel.done():
+            self._tunnel.set_exception(ConnectionResetError("the egress proxy closed"))
+        super().connection_lost(exc)
+
+    def _fail(self, error: ProxyError) -> None:
+        answer = self._answer
+        if answer is not None and not answer.done():
+            answer.set_exception(error)
+        elif self._body is not None and not self._body.is_eof():
+            self._body.set_exception(error)
+        self.close()
+
+    def finish(self, response: UpstreamResponse) -> None:
+        """End the exchange: park the connection if the answer was read whole, else close it."""
+        self._stop_timer()
+        writer, self._writer = self._writer, None
+        body, self._body = self._body, None
+        message, self._message = self._message, None
+        complete = (body is None or body.is_eof()) and (writer is None or writer.done())
+        if complete and message is not None and not message.should_close and self.usable():
+            self._pool.park(self)
+            return
+        if writer is not None:
+            writer.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection (its pool forgets it once the close completes)."""
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- CONNECT tunnels through an egress proxy ------------------------------------------
+
+    async def open_tunnel(self, request: bytes, tls: ssl.SSLContext, server_hostname: str) -> None:
+        """Ask the egress proxy for a tunnel, then start TLS to the upstream inside it."""
+        assert self.transport is not None
+        self._tunnel = self._loop.create_future()
+        self.transport.write(request)
+        try:
+            await self._tunnel
+        finally:
+            self._tunnel = None
+        transport = await self._loop.start_tls(
+            self.transport, self, tls, server_hostname=server_hostname
+        )
+        if transport is None:
+            raise ConnectionResetError("the egress proxy closed the tunnel")
+        self.transport = transport
+
+    def _tunnel_data(self, data: bytes) -> None:
+        assert self._tunnel is not None
+        self._tunnel_head += data
+        end = self._tunnel_head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._tunnel_head) > 8192 and not self._tunnel.done():
+                self._tunnel.set_exception(ConnectionRefusedError("egress proxy answer too long"))
+            return
+        if self._tunnel.done():
+            return
+        status = self._tunnel_head.split(b" ", 2)[1:2]
+        if status != [b"200"] or end + 4 != len(self._tunnel_head):
+            self._tunnel.set_exception(ConnectionRefusedError("the egress proxy refused CONNECT"))
+        else:
+            self._tunnel.set_result(None)
