@@ -181,6 +181,7 @@ class Forwarder:
             if length is not None and length <= SMALL_ANSWER:
                 # Read before anything is sent: a failure is still a clean 502 or 504.
                 body = await upstream.read()
+                response.coalesce_head()
                 await response.prepare(request)
                 await response.write_eof(body)
                 return response
@@ -209,6 +210,10 @@ class Forwarder:
 
 class RelayedResponse(web.StreamResponse):
     """An upstream answer on its way back: aiohttp adds no Server or Content-Type to it."""
+
+    def coalesce_head(self) -> None:
+        """Hold the head back until the body is written, so both leave in one send."""
+        self._send_headers_immediately = False  # what aiohttp's own Response does
 
     async def _prepare_headers(self) -> None:
         headers = self.headers

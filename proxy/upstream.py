@@ -133,7 +133,10 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (for answers known to be small)."""
-        return await self.content.read()
+        content = self.content
+        if content.is_eof():  # usually: a small answer arrives with its head
+            return content.read_nowait()
+        return await content.read()
 
     def release(self) -> None:
         """Hand the connection back: to the pool when reusable, else closed."""
@@ -419,6 +422,9 @@ class UpstreamConnection(BaseProtocol):
             code = message.code
             if 100 <= code < 200 and code != 101:
                 continue  # interim answers (100, 103) are not relayed
+            if self._message is not None:
+                self.close()  # a second answer to one request: the upstream is out of step
+                return
             self._message = message
             content = payload
             if self._head_parser or code in (101, 204, 304):

@@ -130,3 +130,51 @@ async def test_environment_is_ignored_without_trust_env(
     assert response.status == 200
     assert elsewhere.connections == 0
     assert len(upstream.received) == 1
+
+
+async def test_https_upstream_is_reached_through_a_connect_tunnel(
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    tls_upstream: str,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``trust_env``, HTTPS_PROXY gets a CONNECT; TLS runs end to end inside the tunnel."""
+    connects: list[bytes] = []
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        connects.append(head)
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    server = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{port}")
+    settings = make_settings(
+        token_server,
+        upstream,
+        upstream={"url": tls_upstream, "ca_file": str(certificate[0]), "trust_env": True},
+    )
+    try:
+        async with Proxy(settings) as proxy:
+            await wait_ready(proxy)
+            response = await exchange(proxy.port, GET)
+    finally:
+        server.close()
+    assert response.status == 200
+    assert json.loads(response.body) == {"authorization": True}
+    authority = tls_upstream.removeprefix("https://").encode()
+    assert connects == [b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority)]

@@ -1,0 +1,103 @@
+"""The upstream connection pool: reuse, stale connections, parser state, upstreams out of turn."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.errors import ERROR_HEADER
+from proxy.standins import StandInTokenServer
+
+from .rawhttp import RawRequest, Responder, canned, exchange
+from .support import proxy_in_front_of
+
+GET = b"GET /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
+POST = b"POST /items HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 2\r\n\r\nhi"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_connections_are_reused(token_server: StandInTokenServer) -> None:
+    """Sequential requests travel on one upstream connection."""
+    async with proxy_in_front_of(token_server) as (raw, proxy):
+        statuses = [(await exchange(proxy.port, GET)).status for _ in range(5)]
+    assert statuses == [200] * 5
+    assert len(raw.requests) == 5
+    assert raw.connections == 1
+
+
+def closes_every_second_request() -> Responder:
+    """A responder that answers the first request on each connection and closes on the next,
+    as an upstream does when its keep-alive timeout ends just as a request arrives."""
+    seen: dict[int, int] = {}
+
+    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        count = seen[id(writer)] = seen.get(id(writer), 0) + 1
+        if count == 1:
+            writer.write(OK)
+            await writer.drain()
+        else:
+            writer.close()
+
+    return respond
+
+
+async def test_a_stale_pooled_connection_is_replaced_for_an_idempotent_request(
+    token_server: StandInTokenServer,
+) -> None:
+    """A GET that finds its pooled connection closed is sent again on a new one, once."""
+    async with proxy_in_front_of(token_server, closes_every_second_request()) as (raw, proxy):
+        first = await exchange(proxy.port, GET)
+        second = await exchange(proxy.port, GET)
+    assert (first.status, second.status) == (200, 200)
+    assert second.body == b"ok"
+    assert raw.connections == 2
+    assert len(raw.requests) == 3  # the lost attempt, then the one that was answered
+
+
+async def test_a_stale_pooled_connection_is_not_retried_for_a_post(
+    token_server: StandInTokenServer,
+) -> None:
+    """A POST is never sent twice: the lost exchange is a 502 with the proxy's words."""
+    async with proxy_in_front_of(token_server, closes_every_second_request()) as (raw, proxy):
+        first = await exchange(proxy.port, POST)
+        second = await exchange(proxy.port, POST)
+    assert first.status == 200
+    assert second.status == 502
+    assert second.header(ERROR_HEADER) == ["bad_upstream_response"]
+    assert len(raw.requests) == 2
+    assert raw.connections == 1
+
+
+async def test_head_then_get_on_one_connection(token_server: StandInTokenServer) -> None:
+    """A HEAD answer's Content-Length announces no body; the next answer is read right."""
+
+    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        if request.start_line.startswith("HEAD"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789")
+        await writer.drain()
+
+    head = b"HEAD /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
+    async with proxy_in_front_of(token_server, respond) as (raw, proxy):
+        first = await exchange(proxy.port, head, method="HEAD")
+        second = await exchange(proxy.port, GET)
+        third = await exchange(proxy.port, head, method="HEAD")
+    assert (first.status, first.header("Content-Length"), first.body) == (200, ["10"], b"")
+    assert (second.status, second.body) == (200, b"0123456789")
+    assert (third.status, third.body) == (200, b"")
+    assert raw.connections == 1
+
+
+async def test_an_upstream_that_talks_out_of_turn_is_not_reused(
+    token_server: StandInTokenServer,
+) -> None:
+    """Bytes after a complete answer are never read as the next answer: new connection."""
+    async with proxy_in_front_of(token_server, canned(OK + b"HTTP/1.1 204 Sneaky\r\n\r\n")) as (
+        raw,
+        proxy,
+    ):
+        first = await exchange(proxy.port, GET)
+        second = await exchange(proxy.port, GET)
+    assert (first.status, first.body) == (200, b"ok")
+    assert (second.status, second.body) == (200, b"ok")
+    assert raw.connections == 2
