@@ -291,7 +291,8 @@ class UpstreamConnection(BaseProtocol):
         self._message: RawResponseMessage | None = None
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._last_read = 0.0
+        self._last_read = 0.0  # when the upstream last made progress (sent or took bytes)
+        self._client_turn = False  # a streamed request body waits for the client's bytes
         self._received = False  # any byte of the current exchange's answer
         self._exchanges = 0
         self._tunnel: asyncio.Future[None] | None = None
@@ -330,15 +331,19 @@ class UpstreamConnection(BaseProtocol):
         self._answer = answer
         if body is None or isinstance(body, bytes):
             transport.write(head + body if body else head)
-            self._start_timer()
         else:
             transport.write(head)
             self._writer = self._loop.create_task(self._write_body(transport, body, chunked))
             self._writer.add_done_callback(self._body_written)
+        self._start_timer()
         try:
             return await answer
-        except BadUpstreamResponse as exc:
-            if reused and not self._received and exc.detail == CLOSED:
+        except BaseException as exc:
+            # Failed, timed out, or the client hung up (cancelled): nothing else may read an
+            # answer meant for this request, so the connection goes.
+            self.close()
+            stale = reused and not self._received
+            if stale and isinstance(exc, BadUpstreamResponse) and exc.detail == CLOSED:
                 raise _StaleConnection from None
             raise
         finally:
@@ -347,7 +352,11 @@ class UpstreamConnection(BaseProtocol):
     async def _write_body(
         self, transport: asyncio.Transport, body: AsyncIterator[bytes], chunked: bool
     ) -> None:
+        # While waiting for the client's next bytes the read timer must not blame the upstream
+        # (server.body_timeout covers the client); every chunk the upstream takes is progress.
+        self._client_turn = True
         async for chunk in body:
+            self._client_turn = False
             if transport.is_closing():
                 return  # the answer (or its failure) says what happened
             if chunked:
@@ -356,6 +365,9 @@ class UpstreamConnection(BaseProtocol):
                 transport.write(chunk)
             if self._paused:
                 await self._drain_helper()
+            self._last_read = self._loop.time()
+            self._client_turn = True
+        self._client_turn = False
         if chunked and not transport.is_closing():
             transport.write(b"0\r\n\r\n")
 
@@ -364,8 +376,6 @@ class UpstreamConnection(BaseProtocol):
             return
         failure = writer.exception()
         if failure is None:
-            if self._answer is not None or self._body is not None:
-                self._start_timer()  # the whole request is out: the upstream's turn
             return
         # The client's body failed (or the upstream went away): this exchange is over.
         answer = self._answer
@@ -391,8 +401,8 @@ class UpstreamConnection(BaseProtocol):
     def _timer_fired(self) -> None:
         self._timer = None
         now = self._loop.time()
-        if self._reading_paused:
-            self._last_read = now  # waiting for the client to take the body, not the upstream
+        if self._reading_paused or self._client_turn:
+            self._last_read = now  # waiting for the client, not for the upstream
         due = self._last_read + self._read_timeout
         if due > now:  # bytes came meanwhile
             self._timer = self._loop.call_at(due, self._timer_fired)
@@ -431,7 +441,6 @@ class UpstreamConnection(BaseProtocol):
                 content = EMPTY_PAYLOAD
             else:
                 self._body = payload
-                self._start_timer()  # no-op unless the answer came before the request's end
                 payload.on_eof(self._body_done)
             answer = self._answer
             if answer is not None and not answer.done():
@@ -451,6 +460,8 @@ class UpstreamConnection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         """Finish a body delimited by the close; fail whatever else was waiting."""
         self._stop_timer()
+        if self._writer is not None:
+            self._writer.cancel()
         self._pool.forget(self)
         with contextlib.suppress(Exception):  # an incomplete body: failed just below
             self._reader.feed_eof()  # ends a body delimited by the close

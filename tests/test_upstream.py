@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 
 from proxy.errors import ERROR_HEADER
-from proxy.standins import StandInTokenServer
+from proxy.server import Proxy
+from proxy.standins import StandInTokenServer, StandInUpstream
 
-from .rawhttp import RawRequest, Responder, canned, exchange
-from .support import proxy_in_front_of
+from .rawhttp import RawRequest, Responder, canned, exchange, read_response
+from .support import make_settings, proxy_in_front_of, wait_ready
 
 GET = b"GET /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 POST = b"POST /items HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 2\r\n\r\nhi"
@@ -101,3 +104,88 @@ async def test_an_upstream_that_talks_out_of_turn_is_not_reused(
     assert (first.status, first.body) == (200, b"ok")
     assert (second.status, second.body) == (200, b"ok")
     assert raw.connections == 2
+
+
+async def test_an_upstream_that_stops_taking_an_upload_is_a_504(
+    token_server: StandInTokenServer, upstream: StandInUpstream
+) -> None:
+    """A stall is a stall in either direction: an upload the upstream stops reading ends in a
+    504 after upstream.read_timeout, not in a request that hangs."""
+    stalled: list[bytes] = []
+    done = asyncio.Event()
+
+    async def swallow_head_then_stall(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        stalled.append(await reader.readuntil(b"\r\n\r\n"))
+        await done.wait()  # never reads the body, never answers
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(swallow_head_then_stall, "127.0.0.1", 0)
+    upstream_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    size = 64 * 1024 * 1024  # more than loopback socket buffers hold
+    settings = make_settings(
+        token_server, upstream, upstream={"url": upstream_url, "read_timeout": 0.5}
+    )
+    try:
+        async with Proxy(settings) as proxy:
+            await wait_ready(proxy)
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(
+                b"PUT /upload HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: %d\r\n\r\n" % size
+            )
+
+            async def send_body() -> None:
+                block = b"x" * 65536
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(size // len(block)):
+                        writer.write(block)
+                        await writer.drain()
+
+            sender = asyncio.create_task(send_body())
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                response = await read_response(reader)
+            waited = time.monotonic() - started
+            sender.cancel()
+            writer.close()
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+    assert response.status == 504
+    assert response.header(ERROR_HEADER) == ["upstream_timeout"]
+    assert len(stalled) == 1
+    assert waited < 5
+
+
+async def test_a_client_that_hangs_up_frees_the_upstream_connection(
+    token_server: StandInTokenServer, upstream: StandInUpstream
+) -> None:
+    """A request abandoned while the upstream thinks closes that upstream connection: it
+    cannot carry the late answer to someone else, and it does not linger open."""
+    closed = asyncio.Event()
+
+    async def think_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.read()  # returns at EOF: when the proxy closes its side
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(think_forever, "127.0.0.1", 0)
+    upstream_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    settings = make_settings(token_server, upstream, upstream={"url": upstream_url})
+    try:
+        async with Proxy(settings) as proxy:
+            await wait_ready(proxy)
+            _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(GET)
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            async with asyncio.timeout(5):
+                await closed.wait()
+    finally:
+        server.close()
+        await server.wait_closed()
