@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from aiohttp import web
-
+from .messages import Request
 from .metrics import Metrics
 
 log = logging.getLogger("sparks_proxy.access")
@@ -22,31 +21,24 @@ class AccessLog:
 
     def record(
         self,
-        request: web.BaseRequest,
-        response: web.StreamResponse | None,
+        request: Request,
+        status: int,
         started: float,
         upstream_seconds: float | None = None,
-        unanswered: int = 0,
     ) -> None:
         """Count the request and, when access logging is on, write its line.
 
-        ``response`` is None when no answer came back: ``unanswered`` is then the status to
-        record (499 for a hang-up, as nginx does; 500 for a failure in the proxy).
+        ``status`` is what the client got, or what stands for no answer: 499 for a hang-up
+        (as nginx logs it), 500 for a failure in the proxy.
         """
         seconds = time.monotonic() - started
-        status = response.status if response is not None else unanswered
         self._metrics.count_request(request.method, status, seconds)
         if log.disabled or not log.isEnabledFor(logging.INFO):
             return
         # The raw path only: queries may carry personal data or, from careless clients,
         # secrets; and the raw form cannot hold the CR/LF a decoded one could forge lines with.
         path = request.raw_path.partition("?")[0]
-        if response is None:
-            size = 0
-        elif response.prepared:
-            size = response.body_length
-        else:
-            size = response.content_length or 0
+        size = request.reply.body_bytes
         upstream_ms = round(upstream_seconds * 1000, 2) if upstream_seconds is not None else None
         log.info(
             '%s "%s %s" %d %d B %.2f ms%s',

@@ -14,12 +14,12 @@ import json
 from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
-from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .bodies import expects_continue, read_whole, send_continue
+from .bodies import expects_continue, read_whole
 from .config import ServerSettings
 from .errors import BadRequest, MethodNotAllowed, NotFound
+from .messages import Answer, Request
 from .metrics import Metrics
 from .tokens import TokenManager
 
@@ -27,7 +27,7 @@ PLACEHOLDER_TOKEN = "sparks-proxy-placeholder-token"
 PLACEHOLDER_LIFETIME = 86400
 MAX_TOKEN_REQUEST = 64 * 1024
 
-AdminHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+AdminHandler = Callable[[Request], Awaitable[Answer]]
 
 
 class Lifecycle:
@@ -58,7 +58,7 @@ class Admin:
             "/-/oauth/token": (frozenset({"POST"}), self.oauth_token),
         }
 
-    async def __call__(self, request: web.BaseRequest, target: str) -> web.StreamResponse:
+    async def __call__(self, request: Request, target: str) -> Answer:
         """Answer ``target`` (a ``/-/`` path); errors are raised as ProxyError."""
         path = target.partition("?")[0]
         route = self._routes.get(path)
@@ -72,11 +72,11 @@ class Admin:
             raise MethodNotAllowed(f"{path} accepts {', '.join(sorted(methods))} only")
         return await handler(request)
 
-    async def healthz(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def healthz(self, request: Request) -> Answer:
         """Liveness: the process is up and serving."""
-        return web.json_response({"status": "ok"})
+        return json_answer({"status": "ok"})
 
-    async def readyz(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def readyz(self, request: Request) -> Answer:
         """Readiness: a valid token is held and the proxy is not shutting down."""
         token = self._tokens.current()
         checks: dict[str, dict[str, object]] = {}
@@ -96,20 +96,20 @@ class Admin:
         if shared is not None:
             # Reported, never part of readiness: without it the proxy works on its own.
             checks["shared_token_cache"] = {"ok": shared}
-        return web.json_response(
+        return json_answer(
             {"status": "ready" if ready else "not ready", "checks": checks},
             status=200 if ready else 503,
         )
 
-    async def metrics(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def metrics(self, request: Request) -> Answer:
         """Prometheus text exposition of this proxy's registry."""
         body = generate_latest(self._metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return Answer(200, body, [("Content-Type", CONTENT_TYPE_LATEST)])
 
-    async def oauth_token(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def oauth_token(self, request: Request) -> Answer:
         """A client-credentials endpoint that issues only an inert placeholder."""
         if expects_continue(request):
-            await send_continue(request)
+            request.send_continue()
         body = await read_whole(
             request.content, limit=MAX_TOKEN_REQUEST, read_timeout=self._body_timeout
         )
@@ -119,14 +119,22 @@ class Admin:
                 "unsupported_grant_type: the proxy's token endpoint serves the "
                 "client_credentials grant only; any client_id and client_secret will do"
             )
-        return web.json_response(
+        return json_answer(
             {
                 "access_token": PLACEHOLDER_TOKEN,
                 "token_type": "Bearer",
                 "expires_in": PLACEHOLDER_LIFETIME,
             },
-            headers={"Cache-Control": "no-store"},
+            headers=[("Cache-Control", "no-store")],
         )
+
+
+def json_answer(
+    doc: object, *, status: int = 200, headers: list[tuple[str, str]] | None = None
+) -> Answer:
+    """A JSON answer."""
+    fields = [("Content-Type", "application/json; charset=utf-8"), *(headers or ())]
+    return Answer(status, json.dumps(doc).encode(), fields)
 
 
 def _grant_type(body: bytes, content_type: str) -> str | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -20,8 +20,10 @@ from aiohttp import web
 from .access_log import ABORTED, AccessLog
 from .admin import Admin, Lifecycle
 from .config import Settings, read_encryption_key
-from .errors import ProxyError, error_response
+from .errors import ProxyError, error_answer, json_error
 from .forward import Forwarder
+from .listener import Handler
+from .messages import Answer, Request
 from .metrics import Metrics
 from .request_checks import RequestPolicy
 from .token_endpoint import CredentialIdentity, TokenEndpoint
@@ -37,8 +39,6 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 TOKENS = web.AppKey("tokens", TokenManager)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 ADMIN = web.AppKey("admin", Admin)
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -136,17 +136,17 @@ def dispatcher(app: web.Application) -> Handler:
     policy = RequestPolicy(app[SETTINGS].server)
     access_log = AccessLog(metrics)
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(request: Request) -> None:
         started = time.monotonic()
         upstream_seconds: float | None = None
-        response: web.StreamResponse | None = None
-        unanswered = ABORTED  # the status logged when no response comes back: a hang-up
+        status = ABORTED  # what is logged when no answer completes: a hang-up
         try:
             target = policy.check(request)
             if target.startswith("/-/"):
-                response = await admin(request, target)
+                request.reply.send(await admin(request, target))
             else:
-                response, upstream_seconds = await forward(request, target)
+                upstream_seconds = await forward(request, target)
+            status = request.reply.status or ABORTED
         except ProxyError as error:
             metrics.proxy_errors.labels(error.code).inc()
             log.warning(
@@ -157,16 +157,34 @@ def dispatcher(app: web.Application) -> Handler:
                 error.code,
                 error.detail,
             )
-            response = error_response(error)
-        except Exception:
-            # A bug: aiohttp answers 500 (listener.handle_error logs it); count it as such.
-            unanswered = 500
-            raise
+            _answer(request, error_answer(error))
+            status = error.status
+        except Exception as exc:
+            # A bug: answered 500 (or cut, if the answer had begun), logged with its traceback.
+            log.error(
+                "unexpected error while handling a request (%s)",
+                type(exc).__name__,
+                exc_info=exc,
+            )
+            _answer(request, INTERNAL_ERROR)
+            status = 500
         finally:
-            access_log.record(request, response, started, upstream_seconds, unanswered)
-        if "Upgrade" in request.headers:
-            # aiohttp may treat what follows an Upgrade request as tunnel bytes: start afresh.
-            response.force_close()
-        return response
+            access_log.record(request, status, started, upstream_seconds)
 
     return handle
+
+
+def _answer(request: Request, answer: Answer) -> None:
+    """Send ``answer``, or cut the connection if another answer had already begun."""
+    if request.reply.started:
+        request.abort()
+    else:
+        request.reply.send(answer)
+
+
+INTERNAL_ERROR = json_error(
+    500,
+    "internal_error",
+    "the proxy failed to handle the request; see its log",
+    close=True,
+)

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-import aiohttp
-from aiohttp import web
+from aiohttp.streams import StreamReader
 
 from .errors import BadRequest, ExpectationFailed, PayloadTooLarge, ProxyError, RequestTimeout
+
+if TYPE_CHECKING:
+    from .messages import Request
 
 BODY_TIMEOUT = "the client sent no body bytes within server.body_timeout"
 
 
-def expects_continue(request: web.BaseRequest) -> bool:
+class BrokenBody(Exception):
+    """The client's body broke off: malformed framing, or the connection closed mid-body."""
+
+
+def expects_continue(request: Request) -> bool:
     """Whether the client waits for ``100 Continue``; 417 for any other expectation."""
     expect = request.headers.get("Expect")
     if expect is None:
@@ -27,16 +34,10 @@ def expects_continue(request: web.BaseRequest) -> bool:
     return request.version >= (1, 1)
 
 
-async def send_continue(request: web.BaseRequest) -> None:
-    """Tell the client to send its body. The proxy answers this itself, once the body is
-    acceptable; the upstream gets the body without being asked."""
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-
 TRUNCATED = "the request body ended early or was malformed"
 
 
-async def read_whole(content: aiohttp.StreamReader, *, limit: int, read_timeout: float) -> bytes:
+async def read_whole(content: StreamReader, *, limit: int, read_timeout: float) -> bytes:
     """The whole body, at most ``limit`` bytes (413 above), each read within ``read_timeout``."""
     body = StreamedBody(content, limit, read_timeout)
     return b"".join([chunk async for chunk in body.chunks()])
@@ -49,7 +50,7 @@ class StreamedBody:
     fails too, and the client is answered with this error instead of a misleading upstream one.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int, read_timeout: float) -> None:
+    def __init__(self, content: StreamReader, limit: int, read_timeout: float) -> None:
         self._content = content
         self._limit = limit
         self._read_timeout = read_timeout
@@ -65,7 +66,7 @@ class StreamedBody:
             except TimeoutError:
                 self.failure = RequestTimeout(BODY_TIMEOUT)
                 raise self.failure from None
-            except (aiohttp.ClientPayloadError, ConnectionError):
+            except (BrokenBody, ConnectionError):
                 self.failure = BadRequest(TRUNCATED)
                 raise self.failure from None
             if not chunk:

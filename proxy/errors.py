@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import math
 
-from aiohttp import web
+from .messages import Answer
 
 ERROR_HEADER = "X-Sparks-Proxy-Error"
 
@@ -206,18 +206,26 @@ def json_error(
     detail: str,
     *,
     retry_after: float | None = None,
-) -> web.Response:
+    close: bool = False,
+) -> Answer:
     """A proxy-made error answer: JSON body, marker header, optional Retry-After."""
-    headers = {ERROR_HEADER: code, "Cache-Control": "no-store"}
+    headers = [
+        ("Content-Type", "application/json"),
+        (ERROR_HEADER, code),
+        ("Cache-Control", "no-store"),
+    ]
     if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        headers.append(("Retry-After", str(max(1, math.ceil(retry_after)))))
     body = json.dumps({"error": code, "detail": detail}).encode()
-    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+    return Answer(status, body, headers, close=close)
 
 
-def error_response(error: ProxyError) -> web.Response:
+def error_answer(error: ProxyError) -> Answer:
     """The HTTP answer for a :class:`ProxyError`."""
-    response = json_error(error.status, error.code, error.detail, retry_after=error.retry_after)
-    if error.closes_connection:
-        response.force_close()
-    return response
+    return json_error(
+        error.status,
+        error.code,
+        error.detail,
+        retry_after=error.retry_after,
+        close=error.closes_connection,
+    )

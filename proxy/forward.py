@@ -13,9 +13,7 @@ import logging
 import time
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
-from .bodies import StreamedBody, expects_continue, read_whole, send_continue
+from .bodies import StreamedBody, expects_continue, read_whole
 from .config import Settings
 from .errors import BadUpstreamResponse, PayloadTooLarge, ProxyError, UpstreamBusy
 from .headers import (
@@ -24,6 +22,7 @@ from .headers import (
     passes_unchanged,
     upstream_request_headers,
 )
+from .messages import Request, http_date
 from .metrics import Metrics
 from .token_endpoint import Token
 from .tokens import TokenManager
@@ -58,17 +57,17 @@ class Forwarder:
         # connect, and token requests never queue behind it.
         self._slots = asyncio.Semaphore(upstream.pool_size)
         self._location = LocationRewriter(upstream.url)
+        self.in_flight = 0
+        """Requests being forwarded now (read by the in-flight gauge at each scrape)."""
+        metrics.in_flight.set_function(lambda: self.in_flight)
 
-    async def __call__(
-        self, request: web.BaseRequest, target: str
-    ) -> tuple[web.StreamResponse, float]:
-        """Forward ``request`` to ``target`` (origin-form) on the upstream.
+    async def __call__(self, request: Request, target: str) -> float:
+        """Forward ``request`` to ``target`` (origin-form) on the upstream and relay the answer.
 
-        Returns the answer and the upstream's time to headers; raises
-        :class:`~proxy.errors.ProxyError` for every answer the proxy makes itself.
+        Returns the upstream's time to headers; raises :class:`~proxy.errors.ProxyError` for
+        every answer the proxy makes itself.
         """
-        in_flight = self._metrics.in_flight
-        in_flight.inc()
+        self.in_flight += 1
         try:
             target = self._base_path + target
             body, replayable, streamed = await self._body(request)
@@ -80,7 +79,7 @@ class Forwarder:
             finally:
                 self._slots.release()
         finally:
-            in_flight.dec()
+            self.in_flight -= 1
 
     async def _take_slot(self) -> None:
         """Wait up to pool_timeout for one of the pool_size upstream slots."""
@@ -99,13 +98,13 @@ class Forwarder:
 
     async def _exchange(
         self,
-        request: web.BaseRequest,
+        request: Request,
         target: str,
         body: Body,
         replayable: bool,
         streamed: StreamedBody | None,
         token: Token,
-    ) -> tuple[web.StreamResponse, float]:
+    ) -> float:
         """Send, retry once on 401 with a new token when the body allows, relay the answer."""
         # A streamed body of unknown length goes upstream chunked, as the client sent it.
         chunked = streamed is not None and request.content_length is None
@@ -133,11 +132,12 @@ class Forwarder:
             replayable = False  # exactly one retry
         upstream_seconds = time.monotonic() - sent
         try:
-            return await self._relay(request, upstream), upstream_seconds
+            await self._relay(request, upstream)
         finally:
             upstream.release()
+        return upstream_seconds
 
-    async def _body(self, request: web.BaseRequest) -> tuple[Body, bool, StreamedBody | None]:
+    async def _body(self, request: Request) -> tuple[Body, bool, StreamedBody | None]:
         """The body to send upstream, whether it can be sent twice, and its stream if streamed."""
         expect_continue = expects_continue(request)
         length = request.content_length
@@ -148,16 +148,14 @@ class Forwarder:
                 f"request body of {length} bytes is over server.max_body_size ({self._max_body})"
             )
         if expect_continue:
-            await send_continue(request)
+            request.send_continue()
         if length is not None and length <= self._replay_limit:
             body = await read_whole(request.content, limit=length, read_timeout=self._body_timeout)
             return body, True, None
         streamed = StreamedBody(request.content, self._max_body, self._body_timeout)
         return streamed.chunks(), False, streamed
 
-    async def _relay(
-        self, request: web.BaseRequest, upstream: UpstreamResponse
-    ) -> web.StreamResponse:
+    async def _relay(self, request: Request, upstream: UpstreamResponse) -> None:
         message = upstream.message
         if message.code < 200:
             # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
@@ -167,32 +165,29 @@ class Forwarder:
                 "the upstream sent a header or reason phrase the proxy cannot pass on unchanged"
             )
         host = request.headers.get("Host")
-        response = RelayedResponse(
-            status=message.code,
-            reason=message.reason,
-            headers=downstream_response_headers(
-                message.headers,
-                location=self._location,
-                proxy_origin=f"{request.scheme}://{host}" if host else None,
-            ),
+        fields = downstream_response_headers(
+            message.headers,
+            location=self._location,
+            proxy_origin=f"{request.scheme}://{host}" if host else None,
         )
+        if "Date" not in message.headers:
+            fields.append(("Date", http_date()))  # RFC 9110 6.6.1: a recipient adds it
+        reply = request.reply
         length = upstream.content_length
         try:
             if length is not None and length <= SMALL_ANSWER:
                 # Read before anything is sent: a failure is still a clean 502 or 504.
                 body = await upstream.read()
-                response.coalesce_head()
-                await response.prepare(request)
-                await response.write_eof(body)
-                return response
-            await response.prepare(request)
+                reply.whole(message.code, message.reason, fields, body)
+                return
+            reply.start(message.code, message.reason, fields, length)
             async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
+                await reply.write(chunk)
+            reply.end()
         except ConnectionResetError:
             raise asyncio.CancelledError from None  # the client hung up: logged as such
         except ProxyError as error:
-            if not response.prepared:
+            if not reply.started:
                 raise
             # Headers are out: the only honest signal left is to cut the connection, so the
             # client never takes a truncated body for a complete one.
@@ -202,27 +197,8 @@ class Forwarder:
                 request.raw_path.partition("?")[0],
                 error.detail,
             )
-            if request.transport is not None:
-                request.transport.abort()
+            request.abort()
             raise asyncio.CancelledError from None
-        return response
-
-
-class RelayedResponse(web.StreamResponse):
-    """An upstream answer on its way back: aiohttp adds no Server or Content-Type to it."""
-
-    def coalesce_head(self) -> None:
-        """Hold the head back until the body is written, so both leave in one send."""
-        self._send_headers_immediately = False  # what aiohttp's own Response does
-
-    async def _prepare_headers(self) -> None:
-        headers = self.headers
-        had_type, had_server = "Content-Type" in headers, "Server" in headers
-        await super()._prepare_headers()
-        if not had_type:
-            headers.popall("Content-Type", None)
-        if not had_server:
-            headers.popall("Server", None)
 
 
 def _printable(reason: str | None) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 HOP_BY_HOP = frozenset(
     {
@@ -85,17 +85,17 @@ def _appended(
 
 def downstream_response_headers(
     headers: CIMultiDictProxy[str], *, location: LocationRewriter, proxy_origin: str | None
-) -> CIMultiDict[str]:
-    """The headers to send the client for an upstream answer with ``headers``."""
+) -> list[tuple[str, str]]:
+    """The header fields to send the client for an upstream answer with ``headers``."""
     listed = connection_listed(headers)
-    out: CIMultiDict[str] = CIMultiDict()
+    out = []
     for name, value in headers.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in listed:
             continue
         if lower == "location":
             value = location.rewrite(value, proxy_origin)
-        out.add(name, value)
+        out.append((name, value))
     return out
 
 

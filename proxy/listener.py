@@ -1,24 +1,48 @@
-"""The HTTP listener: aiohttp's low-level server with a proxy's defaults instead of a framework's.
+"""The HTTP listener: client connections, parsed by llhttp, answered one request at a time.
 
-aiohttp's own error page quotes the offending request bytes back to the client and logs them
-with a traceback; a request line or header can hold a credential, so this listener answers
-parse errors with a short JSON body of its own words and logs only the error's type.
+One :class:`ClientConnection` per client. aiohttp's compiled parser (llhttp, strict) reads the
+requests; each becomes a :class:`~proxy.messages.Request` for the handler, and is answered
+before the next one on the same connection (pipelined requests wait their turn). A general web
+framework spends per request what a proxy does not need (a request object with lazily parsed
+everything, a response object, a task per request); here a request costs one small object and
+the answer one write.
+
+The listener enforces the ``[server]`` limits: open connections, time to send a whole head,
+idle time, head sizes. What cannot be parsed gets a short JSON answer in the proxy's own words
+and a closed connection: a request line or header can hold a credential, so nothing the client
+sent is ever echoed or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
-from typing import Any
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
-from aiohttp import http_exceptions, http_parser, web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp import http_exceptions, http_parser
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
+from .bodies import BrokenBody
 from .config import ServerSettings
-from .errors import ERROR_HEADER, ConfigError, json_error
+from .errors import ERROR_HEADER, ConfigError
+from .messages import Request
 
 log = logging.getLogger("sparks_proxy.listener")
+
+Handler = Callable[[Request], Awaitable[None]]
+
+READ_BUFFER = 64 * 1024
+"""Request body bytes buffered before reading from the client pauses."""
+MAX_QUEUED = 16
+"""Pipelined requests parsed ahead of their answers before reading pauses."""
+LINGER = 2.0
+"""Seconds to read and drop the rest of an unread body after the answer, so the client sees
+the answer before the close (closing with unread bytes would reset the connection)."""
 
 # Why a request could not be parsed, in words that quote nothing the client sent.
 _PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
@@ -32,50 +56,225 @@ _PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
-class ProxyRequestHandler(RequestHandler):
-    """aiohttp's per-connection protocol, with a proxy's limits and errors that echo nothing."""
+class Listener:
+    """The protocol factory for ``loop.create_server``: limits, open connections, shutdown."""
 
-    _head_timer: asyncio.TimerHandle | None = None
+    def __init__(self, handler: Handler, limits: ServerSettings) -> None:
+        require_compiled_parser()
+        self.handler = handler
+        self.limits = limits
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+        """Set at shutdown: no new request is started; connections close after their answer."""
+
+    def __call__(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    async def shutdown(self, grace: float) -> None:
+        """Close idle connections now; give busy ones ``grace`` seconds, then cut them."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+        busy = {c.task for c in self.connections if c.task is not None}
+        if busy:
+            await asyncio.wait(busy, timeout=grace)
+        for connection in list(self.connections):
+            connection.close(cancel=True, linger=False)
+
+
+class ClientConnection(BaseProtocol):
+    """One client connection: parse, queue, answer in order, keep alive or close."""
+
+    def __init__(self, listener: Listener) -> None:
+        loop = asyncio.get_running_loop()
+        limits = listener.limits
+        parser = HttpRequestParser(
+            self,
+            loop,
+            READ_BUFFER,
+            max_line_size=limits.max_line_size,
+            max_field_size=limits.max_field_size,
+            max_headers=limits.max_headers,
+            payload_exception=BrokenBody,
+            auto_decompress=False,  # a proxy passes compressed bodies through
+        )
+        super().__init__(loop, parser)
+        self._reader = parser
+        self._listener = listener
+        self._limits = limits
+        self._queue: collections.deque[tuple[RawRequestMessage | Exception, StreamReader]] = (
+            collections.deque()
+        )
+        self.task: asyncio.Task[None] | None = None
+        """The task answering queued requests, while there are any."""
+        self._body: StreamReader | None = None  # the body of the latest parsed request
+        self._remote: str | None = None
+        self._done_reading = False  # after a parse error or an upgrade: no more requests
+        self._lingering = False  # our side has ended; the close follows
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since: float | None = None
+
+    # -- asyncio callbacks ------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Accept the connection, or answer 503 and close it when over the connection limit."""
+        """Count the connection; refuse it with 503 when over ``server.max_connections``."""
         super().connection_made(transport)
-        manager = self._manager
-        assert isinstance(manager, ProxyServer)
-        if len(manager.connections) > manager.limits.max_connections:
+        listener = self._listener
+        listener.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        self._remote = peer[0] if isinstance(peer, tuple) else None
+        if listener.closing:
+            transport.close()
+        elif len(listener.connections) > self._limits.max_connections:
             log.warning(
                 "over server.max_connections (%d); refusing a connection",
-                manager.limits.max_connections,
+                self._limits.max_connections,
             )
             self._refuse(_TOO_MANY_CONNECTIONS)
+        else:
+            self._idle()
 
     def data_received(self, data: bytes) -> None:
-        """Feed the parser; time how long the client takes to send a whole request head.
-
-        The timer starts only when bytes arrive that do not yet make a whole request: the
-        common case, a head in one read, costs no timer at all.
-        """
-        parsed = self._request_count
-        super().data_received(data)
-        if self._request_count != parsed:
+        """Parse; queue whole requests; time a head that arrives in pieces."""
+        if self._done_reading:
+            return
+        try:
+            messages, upgraded, _ = self._reader.feed_data(data)
+        except http_exceptions.HttpProcessingError as exc:
+            self._parse_failed(exc)
+            return
+        if messages:
             self._cancel_head_timer()
-        elif self._head_timer is None and not self._request_in_progress:
-            manager = self._manager
-            assert isinstance(manager, ProxyServer)
+            self._idle_since = None
+            queue = self._queue
+            for message, body in messages:
+                queue.append((message, body))
+                self._body = body
+            if upgraded:
+                self._done_reading = True  # what follows would be another protocol's bytes
+            if self.task is None:
+                self.task = self._loop.create_task(self._serve())
+            if len(queue) >= MAX_QUEUED and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+        elif data and self._head_timer is None and self._between_requests():
+            # Part of a head: the common case (a whole head in one read) never gets here.
+            self._idle_since = None
             self._head_timer = self._loop.call_later(
-                manager.limits.header_timeout, self._head_timed_out
+                self._limits.header_timeout, self._head_timed_out
             )
 
-    async def _handle_request(self, *args: Any, **kwargs: Any) -> Any:
-        # A head that arrived whole queues a request before its body comes in; body bytes read
-        # before this handler starts may have armed the timer. A request is being handled now.
-        self._cancel_head_timer()
-        return await super()._handle_request(*args, **kwargs)
-
     def connection_lost(self, exc: BaseException | None) -> None:
-        """Forget the head timer with the connection."""
+        """Stop everything the connection had going: timers, its handler, its body."""
+        self._listener.connections.discard(self)
         self._cancel_head_timer()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        body = self._body
+        if body is not None and not body.is_eof():
+            body.set_exception(ConnectionResetError("the client closed the connection"))
+        if self.task is not None:
+            self.task.cancel()  # the client is gone: the exchange (and its upstream) stops
         super().connection_lost(exc)
+
+    # -- answering --------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """Answer queued requests in order; then keep the connection alive, or close it."""
+        queue = self._queue
+        try:
+            while queue:
+                message, body = queue.popleft()
+                if self._buffer_paused and len(queue) < MAX_QUEUED:
+                    self._resume_reading_for_buffer()
+                if isinstance(message, Exception):
+                    self._answer_parse_error(message)
+                    return
+                request = Request(self, message, body, self._remote)
+                await self._listener.handler(request)
+                if request.reply.close or self._listener.closing or self._done_reading:
+                    self.close()
+                    return
+                if not body.is_eof() and not await _drained(body):
+                    self.close()  # the client is still sending a body nobody reads
+                    return
+        except ConnectionError:
+            self.close()  # the client went away while being answered
+            return
+        finally:
+            self.task = None
+        self._idle()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client; raise ConnectionResetError if it is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client connection is closed")
+        transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait while the client is slow to take what was written."""
+        if self._paused:
+            await self._drain_helper()
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection closes after the answer in progress (shutdown)."""
+        return self._listener.closing
+
+    def abort(self) -> None:
+        """Cut the connection at once."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self, *, cancel: bool = False, linger: bool = True) -> None:
+        """Close after what was written is sent; ``cancel`` also stops a running handler.
+
+        With ``linger``, as nginx's lingering close: our side ends first (FIN after the
+        answer), and what the client still sends is read and dropped for up to LINGER seconds,
+        so a client that is still writing gets the answer rather than a connection reset.
+        """
+        self._done_reading = True
+        if cancel and self.task is not None:
+            self.task.cancel()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if linger and not self._lingering and transport.can_write_eof():
+            self._lingering = True
+            transport.write_eof()
+            self._loop.call_later(LINGER, transport.close)
+        else:
+            transport.close()
+
+    def close_if_idle(self) -> None:
+        """Close now if no request is being answered (shutdown)."""
+        if self.task is None:
+            self.close()
+
+    # -- limits -------------------------------------------------------------------------------
+
+    def _between_requests(self) -> bool:
+        return self.task is None and (self._body is None or self._body.is_eof())
+
+    def _idle(self) -> None:
+        """Start counting idle time; one timer serves many idle spells."""
+        self._idle_since = self._loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_at(
+                self._idle_since + self._limits.keepalive_timeout, self._idle_check
+            )
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._idle_since is None:
+            return  # busy since; the next idle spell starts a timer again
+        due = self._idle_since + self._limits.keepalive_timeout
+        if self._loop.time() >= due:
+            self.close()
+        else:
+            self._idle_timer = self._loop.call_at(due, self._idle_check)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -92,44 +291,43 @@ class ProxyRequestHandler(RequestHandler):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(answer)
-            transport.close()
-        self.force_close()
+        self.close()
 
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        """Answer a parse error or an unexpected handler failure; the connection is closed."""
-        manager = self._manager
-        limits = manager.limits if isinstance(manager, ProxyServer) else ServerSettings()
-        status, code, detail = _describe(exc, status, limits)
-        if status == 500:
-            log.error(
-                "unexpected error while handling a request (%s)",
-                type(exc).__name__,
-                exc_info=exc,
-            )
-        else:
-            log.info(
-                "rejected a malformed request from %s: %s (%s)",
-                request.remote,
-                detail,
-                type(exc).__name__,
-            )
-        if request.writer.output_size > 0:
-            # Part of an answer is out already; closing is the only honest signal left.
-            raise ConnectionError("response already started")
-        response = json_error(status, code, detail + "; fix the request and send it again")
-        response.force_close()
-        return response
+    def _parse_failed(self, exc: http_exceptions.HttpProcessingError) -> None:
+        self._done_reading = True
+        self._cancel_head_timer()
+        body = self._body
+        if body is not None and not body.is_eof():
+            # The body of a request being answered is malformed: that request fails with it.
+            body.set_exception(BrokenBody())
+            return
+        self._queue.append((exc, EMPTY_PAYLOAD))
+        if self.task is None:
+            self.task = self._loop.create_task(self._serve())
+
+    def _answer_parse_error(self, exc: Exception) -> None:
+        status, code, detail = _describe(exc, self._limits)
+        log.info(
+            "rejected a malformed request from %s: %s (%s)",
+            self._remote,
+            detail,
+            type(exc).__name__,
+        )
+        self._refuse(_canned(status, code, detail + "; fix the request and send it again"))
 
 
-def _describe(
-    exc: BaseException | None, status: int, limits: ServerSettings
-) -> tuple[int, str, str]:
+async def _drained(body: StreamReader) -> bool:
+    """Read and drop the rest of a body for up to LINGER seconds; whether it ended."""
+    try:
+        async with asyncio.timeout(LINGER):
+            while not body.is_eof():
+                await body.readany()
+    except (TimeoutError, BrokenBody, ConnectionError):
+        return False
+    return True
+
+
+def _describe(exc: Exception, limits: ServerSettings) -> tuple[int, str, str]:
     """Status, code and detail for a parse error, in words that quote nothing it saw."""
     if isinstance(exc, http_exceptions.LineTooLong):
         # The parser reports the limit it hit: max_line_size is the request line's.
@@ -141,42 +339,28 @@ def _describe(
     for kind, detail in _PARSE_ERRORS:
         if isinstance(exc, kind):
             return 400, "bad_request", detail
-    if status == 500:
-        return 500, "internal_error", "the proxy failed to handle the request; see its log"
     return 400, "bad_request", "the request is not valid HTTP/1.1"
 
 
-def _canned(status: str, code: str, detail: str) -> bytes:
+def _canned(status: int, code: str, detail: str) -> bytes:
     body = json.dumps({"error": code, "detail": detail}).encode()
     head = (
-        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"{ERROR_HEADER}: {code}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
 
 
 _TOO_MANY_CONNECTIONS = _canned(
-    "503 Service Unavailable",
+    503,
     "too_many_connections",
     "the proxy is at server.max_connections; retry shortly or raise the limit",
 )
 _HEADER_TIMEOUT = _canned(
-    "408 Request Timeout",
+    408,
     "request_timeout",
     "the request head did not arrive within server.header_timeout",
 )
-
-
-class ProxyServer(web.Server):
-    """aiohttp's low-level server, making :class:`ProxyRequestHandler` connections."""
-
-    def __init__(self, handler: Any, limits: ServerSettings, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.limits = limits
-
-    def __call__(self) -> RequestHandler:
-        kwargs: dict[str, Any] = self._kwargs
-        return ProxyRequestHandler(self, loop=self._loop, **kwargs)
 
 
 def require_compiled_parser() -> None:
@@ -186,26 +370,3 @@ def require_compiled_parser() -> None:
             "aiohttp's compiled HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS is set, or "
             "aiohttp was installed without its binary extension); reinstall aiohttp from a wheel"
         )
-
-
-def build_server(handler: Any, settings: ServerSettings) -> ProxyServer:
-    """The listener's protocol factory, with limits from ``[server]``."""
-    require_compiled_parser()
-    return ProxyServer(
-        handler,
-        settings,
-        # A client that hangs up cancels its handler, which cancels the upstream request
-        # and frees the pooled connection.
-        handler_cancellation=True,
-        # A proxy passes compressed bodies through; it does not inflate them.
-        auto_decompress=False,
-        access_log=None,
-        # After an answer that leaves a request body unread, aiohttp reads and drops the rest
-        # for this long so the client sees the answer before the close; a client that stalled
-        # must not hold the connection for aiohttp's default 10 s.
-        lingering_time=2.0,
-        keepalive_timeout=settings.keepalive_timeout,
-        max_line_size=settings.max_line_size,
-        max_field_size=settings.max_field_size,
-        max_headers=settings.max_headers,
-    )

@@ -21,8 +21,6 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
 from .config import ServerSettings
 from .errors import (
     BadRequest,
@@ -33,8 +31,11 @@ from .errors import (
     VersionNotSupported,
 )
 from .headers import passes_unchanged
+from .messages import Request
 
 _SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
+SERVED_HOSTS = 64
+"""How many distinct good Host values are remembered (a bound, whatever clients send)."""
 # RFC 3986 host (reg-name, IPv4 or IP-literal) and optional port; no userinfo.
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 
@@ -50,8 +51,10 @@ class RequestPolicy:
             names.add(settings.host.lower())
         # "[::1]" and "::1" name the same host; keep both spellings.
         self._hosts = frozenset(names | {n.strip("[]") for n in names} | {f"[{n}]" for n in names})
+        # Host values already checked and served: clients send the same one every time.
+        self._served: set[str] = set()
 
-    def check(self, request: web.BaseRequest) -> str:
+    def check(self, request: Request) -> str:
         """The request's origin-form target; raise a ProxyError if it must not be served."""
         if request.method == "CONNECT":
             raise TunnelRefused("CONNECT is not supported: the proxy never opens a tunnel")
@@ -68,13 +71,10 @@ class RequestPolicy:
             if parts != ["chunked"]:
                 raise UnsupportedTransferCoding("the only transfer coding supported is chunked")
         hosts = headers.getall("Host", ())
-        if len(hosts) > 1 or (hosts and not _HOST.fullmatch(hosts[0])):
+        if len(hosts) > 1:
             raise BadRequest("the Host header must be a single host[:port]")
-        if hosts and not self.allows_host(hosts[0]):
-            raise MisdirectedRequest(
-                "this proxy does not serve that Host; use 127.0.0.1 or localhost, "
-                "or add the name to server.allowed_hosts"
-            )
+        if hosts and hosts[0] not in self._served:
+            self._check_host(hosts[0])
         if headers.get("Sec-Fetch-Site") == "cross-site" or not self._allowed_origin(
             headers.get("Origin")
         ):
@@ -84,6 +84,17 @@ class RequestPolicy:
         if not passes_unchanged(request.raw_headers):
             raise BadRequest("header values must be ASCII or UTF-8; the proxy would alter others")
         return origin_form(request.raw_path)
+
+    def _check_host(self, host: str) -> None:
+        if not _HOST.fullmatch(host):
+            raise BadRequest("the Host header must be a single host[:port]")
+        if not self.allows_host(host):
+            raise MisdirectedRequest(
+                "this proxy does not serve that Host; use 127.0.0.1 or localhost, "
+                "or add the name to server.allowed_hosts"
+            )
+        if len(self._served) < SERVED_HOSTS:
+            self._served.add(host)
 
     def allows_host(self, host: str) -> bool:
         """Whether a ``Host`` header value (``name[:port]``) names a host this proxy serves."""

@@ -16,12 +16,10 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aiohttp import web
-
 from .app import LIFECYCLE, create_app, dispatcher
 from .config import Settings
 from .errors import ConfigError
-from .listener import build_server
+from .listener import Listener
 
 log = logging.getLogger("sparks_proxy.server")
 
@@ -38,7 +36,8 @@ class Proxy:
         self.settings = settings
         self._reuse_port = reuse_port
         self.app = create_app(settings)
-        self._runner: web.ServerRunner | None = None
+        self._listener: Listener | None = None
+        self._server: asyncio.Server | None = None
         self._started_app = False
         self.port = 0
 
@@ -58,43 +57,43 @@ class Proxy:
         self._started_app = True
         await self.app.startup()
         self.app.freeze()
-        server = build_server(dispatcher(self.app), self.settings.server)
-        self._runner = web.ServerRunner(
-            server, handle_signals=False, shutdown_timeout=self.settings.server.shutdown_grace
-        )
-        await self._runner.setup()
         server_settings = self.settings.server
-        site = web.TCPSite(
-            self._runner, server_settings.host, server_settings.port, reuse_port=self._reuse_port
-        )
+        self._listener = Listener(dispatcher(self.app), server_settings)
+        loop = asyncio.get_running_loop()
         try:
-            await site.start()
+            self._server = await loop.create_server(
+                self._listener,
+                server_settings.host or None,
+                server_settings.port,
+                reuse_port=self._reuse_port or None,
+            )
         except OSError as exc:
             raise ConfigError(
                 f"server.host/server.port: cannot listen on "
                 f"{server_settings.host}:{server_settings.port} ({exc.strerror or exc})"
             ) from None
-        sockets = self._runner.addresses
-        self.port = sockets[0][1] if sockets else self.settings.server.port
+        self.port = self._server.sockets[0].getsockname()[1]
         log.info("listening on %s, forwarding to %s", self.url, self.settings.upstream.url)
 
     async def stop(self) -> None:
         """Fail readiness, stop accepting, let in-flight requests finish, close resources."""
         self.app[LIFECYCLE].draining = True
-        if self._runner is not None and self.settings.server.drain_delay:
+        if self._server is not None and self.settings.server.drain_delay:
             # Still accepting: load balancers see readiness fail before connections are refused.
             log.info(
                 "draining: readiness fails; closing the listener in %.1f s",
                 self.settings.server.drain_delay,
             )
             await asyncio.sleep(self.settings.server.drain_delay)
-        if self._runner is not None:
+        if self._server is not None and self._listener is not None:
             log.info(
                 "shutting down: waiting up to %.0f s for in-flight requests",
                 self.settings.server.shutdown_grace,
             )
-            await self._runner.cleanup()
-            self._runner = None
+            self._server.close()  # no new connections
+            await self._listener.shutdown(self.settings.server.shutdown_grace)
+            await self._server.wait_closed()
+            self._server = None
         if self._started_app:
             await self.app.cleanup()
             self._started_app = False

@@ -95,10 +95,10 @@ class TokenManager:
 
         Raises :class:`TokenUnavailable` (503) with a Retry-After when none can be had now.
         """
-        token = self._cache.get(self._key)
-        if token is not None:
-            return token
-        return await self._fetch_shared()
+        try:
+            return self._cache[self._key]  # one expiry check, not get()'s two
+        except KeyError:
+            return await self._fetch_shared()
 
     def invalidate(self, token: Token) -> bool:
         """Drop ``token`` after the upstream rejected it; True if a new one should be fetched.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
@@ -251,9 +252,8 @@ class UpstreamPool:
                 f"could not connect to the upstream (TLS: {exc.reason or type(exc).__name__})"
             ) from None
         except OSError as exc:
-            raise UpstreamUnreachable(
-                f"could not connect to the upstream ({exc.strerror or type(exc).__name__})"
-            ) from None
+            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+            raise UpstreamUnreachable(f"could not connect to the upstream ({reason})") from None
         return connection
 
     def close(self) -> None:
@@ -291,6 +291,7 @@ class UpstreamConnection(BaseProtocol):
         self._message: RawResponseMessage | None = None
         self._writer: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timing = False  # whether an exchange is waiting on the upstream
         self._last_read = 0.0  # when the upstream last made progress (sent or took bytes)
         self._client_turn = False  # a streamed request body waits for the client's bytes
         self._received = False  # any byte of the current exchange's answer
@@ -384,22 +385,27 @@ class UpstreamConnection(BaseProtocol):
             answer.set_exception(error)
         self.close()
 
-    # -- the read timer: one per exchange, pushed back only when it fires -----------------
+    # -- the read timer: armed once, pushed back only when it fires ------------------------
+    # Exchanges come and go far faster than read_timeout: instead of a new timer for each,
+    # the one armed handle checks, when it fires, whether an exchange is still being timed.
 
     def _start_timer(self) -> None:
-        if self._read_timeout and self._timer is None:
-            self._last_read = self._loop.time()
+        if not self._read_timeout:
+            return
+        self._timing = True
+        self._last_read = self._loop.time()
+        if self._timer is None:
             self._timer = self._loop.call_at(
                 self._last_read + self._read_timeout, self._timer_fired
             )
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timing = False
 
     def _timer_fired(self) -> None:
         self._timer = None
+        if not self._timing:
+            return
         now = self._loop.time()
         if self._reading_paused or self._client_turn:
             self._last_read = now  # waiting for the client, not for the upstream
@@ -460,6 +466,9 @@ class UpstreamConnection(BaseProtocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         """Finish a body delimited by the close; fail whatever else was waiting."""
         self._stop_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._writer is not None:
             self._writer.cancel()
         self._pool.forget(self)

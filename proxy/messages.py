@@ -1,0 +1,223 @@
+"""What a handler gets and how it answers: :class:`Request`, :class:`Reply` and :class:`Answer`.
+
+The listener makes one :class:`Request` per parsed request; the handler answers through
+``request.reply``, either whole (head and body in one write) or streamed. Framing is decided
+here, in one place, by RFC 9112 section 6: a known length is sent as ``Content-Length``, an
+unknown one chunked to HTTP/1.1 clients and delimited by the close to HTTP/1.0 clients, and
+answers to HEAD and 204/304 carry no body.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from multidict import CIMultiDictProxy
+
+if TYPE_CHECKING:
+    from .listener import ClientConnection
+
+Fields = Iterable[tuple[str, str]]
+
+_NO_BODY_STATUS = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass
+class Answer:
+    """An answer the proxy makes itself (admin routes, errors): small, whole, never streamed."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    close: bool = False
+    """Close the connection after this answer (the request's framing cannot be trusted)."""
+
+
+class Request:
+    """One client request as parsed: method, target, headers, and the body as a stream."""
+
+    __slots__ = ("_connection", "_message", "content", "remote", "reply")
+
+    scheme = "http"
+    """The listener speaks plain HTTP on loopback (or in the pod); TLS ends before it."""
+
+    def __init__(
+        self,
+        connection: ClientConnection,
+        message: RawRequestMessage,
+        content: StreamReader,
+        remote: str | None,
+    ) -> None:
+        self._connection = connection
+        self._message = message
+        self.content = content
+        """The body, as the parser de-frames it (Content-Length or chunked)."""
+        self.remote = remote
+        """The client's address."""
+        self.reply = Reply(connection, message)
+
+    @property
+    def method(self) -> str:
+        """The method, as sent."""
+        return self._message.method
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """The HTTP version, e.g. ``(1, 1)``."""
+        return self._message.version
+
+    @property
+    def raw_path(self) -> str:
+        """The request target exactly as sent (origin form, or absolute form)."""
+        return self._message.path
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        """The header fields, repeats kept, in order."""
+        return self._message.headers
+
+    @property
+    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The header fields as bytes, as received."""
+        return self._message.raw_headers
+
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the client asked to keep the connection open after the answer."""
+        return not self._message.should_close
+
+    @property
+    def content_length(self) -> int | None:
+        """The declared body length, if any (the parser has checked it is a number)."""
+        value = self._message.headers.get("Content-Length")
+        return int(value) if value is not None else None
+
+    @property
+    def body_exists(self) -> bool:
+        """Whether the request has a body (a Content-Length or chunked framing)."""
+        return self.content is not EMPTY_PAYLOAD
+
+    @property
+    def content_type(self) -> str:
+        """The media type of the body, lower-cased, without parameters."""
+        return self._message.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+
+    def send_continue(self) -> None:
+        """Tell a client that sent ``Expect: 100-continue`` to send its body."""
+        if not self.reply.started:
+            self._connection.write(_CONTINUE)
+
+    def abort(self) -> None:
+        """Cut the client connection: the only honest signal once an answer is half sent."""
+        self._connection.abort()
+
+
+class Reply:
+    """The answer to one request, written to the client connection."""
+
+    __slots__ = ("_chunked", "_connection", "_empty", "_message", "body_bytes", "close", "status")
+
+    def __init__(self, connection: ClientConnection, message: RawRequestMessage) -> None:
+        self._connection = connection
+        self._message = message  # not the Request: no reference cycle, freed without the GC
+        self._chunked = False
+        self._empty = False
+        self.status: int | None = None
+        """The status sent, once the head is out."""
+        self.body_bytes = 0
+        """Body bytes sent so far."""
+        self.close = False
+        """Whether the connection closes after this answer."""
+
+    @property
+    def started(self) -> bool:
+        """Whether the head has been sent (from then on only the body, or a cut, can follow)."""
+        return self.status is not None
+
+    def send(self, answer: Answer) -> None:
+        """Send an answer the proxy made, with a Date and its length."""
+        if answer.close:
+            self.close = True
+        fields = [*answer.headers, ("Content-Length", str(len(answer.body))), ("Date", http_date())]
+        self.whole(answer.status, HTTPStatus(answer.status).phrase, fields, answer.body)
+
+    def whole(self, status: int, reason: str, fields: Fields, body: bytes) -> None:
+        """Send head and body in one write; ``fields`` carry the body's Content-Length."""
+        head = self._head(status, reason, fields, len(body))
+        if self._empty or not body:
+            self._connection.write(head)
+            return
+        self.body_bytes = len(body)
+        self._connection.write(head + body)
+
+    def start(self, status: int, reason: str, fields: Fields, length: int | None) -> None:
+        """Send the head of an answer whose body follows in :meth:`write` calls."""
+        self._connection.write(self._head(status, reason, fields, length))
+
+    async def write(self, chunk: bytes) -> None:
+        """Send part of the body; waits while the client is slow to take it."""
+        if self._empty or not chunk:
+            return
+        self.body_bytes += len(chunk)
+        if self._chunked:
+            self._connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            self._connection.write(chunk)
+        await self._connection.drain()
+
+    def end(self) -> None:
+        """Finish the body."""
+        if self._chunked:
+            self._connection.write(b"0\r\n\r\n")
+
+    def _head(self, status: int, reason: str, fields: Fields, length: int | None) -> bytes:
+        message = self._message
+        version = message.version
+        self.status = status
+        self._empty = message.method == "HEAD" or status in _NO_BODY_STATUS
+        # After an Upgrade request, what follows could be another protocol's bytes: start afresh.
+        keep_alive = (
+            not message.should_close
+            and not self.close
+            and not self._connection.closing
+            and "Upgrade" not in message.headers
+        )
+        lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
+        if status in _NO_BODY_STATUS:  # these never carry a length (RFC 9110 8.6)
+            lines += [f"{n}: {v}\r\n" for n, v in fields if n.lower() != "content-length"]
+        else:
+            lines += [f"{n}: {v}\r\n" for n, v in fields]
+        if length is None and not self._empty:
+            if version >= (1, 1):
+                self._chunked = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+            else:
+                keep_alive = False  # the close is what ends the body
+        if keep_alive:
+            if version == (1, 0):
+                lines.append("Connection: keep-alive\r\n")
+        else:
+            self.close = True
+            if version >= (1, 1):
+                lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        # Values are what the parser decoded (UTF-8, surrogateescape): the same bytes go out.
+        return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def http_date() -> str:
+    """The current time as an HTTP date (formatted at most once a second)."""
+    return _http_date(int(time.time()))
+
+
+@functools.lru_cache(maxsize=1)
+def _http_date(second: int) -> str:
+    return formatdate(second, usegmt=True)
