@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -29,7 +28,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .bodies import BrokenBody
 from .config import ServerSettings
-from .errors import ERROR_HEADER, ConfigError
+from .errors import ConfigError, json_error
 from .messages import Request
 
 log = logging.getLogger("sparks_proxy.listener")
@@ -343,12 +342,14 @@ def _describe(exc: Exception, limits: ServerSettings) -> tuple[int, str, str]:
 
 
 def _canned(status: int, code: str, detail: str) -> bytes:
-    body = json.dumps({"error": code, "detail": detail}).encode()
+    """A whole error answer, as bytes, for connections with no request to answer through."""
+    answer = json_error(status, code, detail)
+    fields = "".join(f"{name}: {value}\r\n" for name, value in answer.headers)
     head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-        f"{ERROR_HEADER}: {code}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{fields}"
+        f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode() + answer.body
 
 
 _TOO_MANY_CONNECTIONS = _canned(

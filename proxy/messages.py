@@ -190,7 +190,8 @@ class Reply:
             and not self._connection.closing
             and "Upgrade" not in message.headers
         )
-        lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
+        # HTTP/1.1 whatever the request said (RFC 9112 2.5), as nginx answers.
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
         if status in _NO_BODY_STATUS:  # these never carry a length (RFC 9110 8.6)
             lines += [f"{n}: {v}\r\n" for n, v in fields if n.lower() != "content-length"]
         else:

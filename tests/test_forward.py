@@ -53,6 +53,7 @@ async def test_request_arrives_with_the_proxy_token_only(
         "/a%2Fb/%20x+y?q=a+b&q=%2F&z=%C3%A9&w=%e9",
         "/files/r%C3%A9sum%C3%A9.pdf?name=caf%C3%A9&name=th%C3%A9&empty=&flag",
         "/x;matrix=1/./../y?%26=%3D&a=1&a=2",
+        "/x?",
         "/",
     ],
 )

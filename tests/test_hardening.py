@@ -302,7 +302,7 @@ async def test_upstream_body_longer_than_its_length_never_passes_the_extra(
 
     async with proxy_in_front_of(token_server, long) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /long HTTP/1.1\r\nHost: p\r\n\r\n")
-    # aiohttp's client parser sees the extra bytes with the answer and refuses the whole
+    # The upstream pool's parser sees the extra bytes with the answer and refuses the whole
     # response: an honest 502 rather than a guess at which bytes were meant.
     assert (response.status, response.header(ERROR_HEADER)) == (502, ["bad_upstream_response"])
     assert b"EXTRA" not in response.body
