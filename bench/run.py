@@ -814,6 +814,8 @@ def measure_workers(bench: Bench, samples: Samples, run: int) -> None:
             stop_process(server.proc)
         samples.add(f"workers_rps.{name}", result.rps)
         say(f"  unpinned -t2    {name:7} {result.rps:10,.0f} req/s")
+    two, one = samples.values["workers_rps.sparks"][-1], samples.values["workers_rps.sparks1"][-1]
+    samples.add("workers_scaling.sparks", two / one)
 
 
 MEASUREMENTS: tuple[Callable[[Bench, Samples, int], None], ...] = (
@@ -860,10 +862,37 @@ def row_specs(bench: Bench) -> list[RowSpec]:
             target="<= 0.20 ms",
             met=lambda s, _r: s is not None and s <= 0.20,
         ),
-        RowSpec(f"download {size} (MB/s)", "download", 0),
-        RowSpec(f"upload {size} (MB/s)", "upload", 0),
-        RowSpec(f"RSS growth, {stream} stream (MiB)", "rss_growth", 1, ratio=False),
+        RowSpec(
+            f"download {size} (MB/s)",
+            "download",
+            0,
+            target=">= 0.90",
+            met=lambda _s, r: r is not None and r >= 0.90,
+        ),
+        RowSpec(
+            f"upload {size} (MB/s)",
+            "upload",
+            0,
+            target=">= 0.90",
+            met=lambda _s, r: r is not None and r >= 0.90,
+        ),
+        RowSpec(
+            f"RSS growth, {stream} stream (MiB)",
+            "rss_growth",
+            1,
+            ratio=False,
+            target="<= 4 MiB",
+            met=lambda s, _r: s is not None and s <= 4,
+        ),
         RowSpec("--workers 2 req/s (c=50, -t2)", "workers_rps", 0),
+        RowSpec(
+            "--workers 2 / 1 worker (x)",
+            "workers_scaling",
+            2,
+            ratio=False,
+            target=">= 1.7",
+            met=lambda s, _r: s is not None and s >= 1.7,
+        ),
         RowSpec(
             f"token requests, cold burst {BURST}",
             "token_requests",
@@ -872,7 +901,13 @@ def row_specs(bench: Bench) -> list[RowSpec]:
             target="== 1",
             met=lambda s, _r: s == 1,
         ),
-        RowSpec("start to first answer (ms)", "startup_ms", 0),
+        RowSpec(
+            "start to first answer (ms)",
+            "startup_ms",
+            0,
+            target="<= 400 ms",
+            met=lambda s, _r: s is not None and s <= 400,
+        ),
     ]
 
 
@@ -896,7 +931,7 @@ def build_rows(bench: Bench, samples: Samples) -> list[dict[str, Any]]:
                     who: samples.values.get(f"{spec.key}.{who}", []) for who in ("sparks", "nginx")
                 },
                 "na": "n/a (no --workers)"
-                if spec.key == "workers_rps" and not bench.has_workers
+                if spec.key.startswith("workers_") and not bench.has_workers
                 else "",
             }
         )

@@ -76,6 +76,8 @@ class ServerSettings:
     """Seconds a client may take from the first byte of a request to the end of its head."""
     body_timeout: float = 60.0
     """Longest wait for the next request-body byte from the client (408 after it)."""
+    send_timeout: float = 60.0
+    """Longest wait for a client to take more of an answer before the connection is cut."""
     max_connections: int = 1024
     """Most client connections open at once; more are answered 503 and closed."""
     max_body_size: int = 0

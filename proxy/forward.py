@@ -106,8 +106,7 @@ class Forwarder:
         token: Token,
     ) -> float:
         """Send, retry once on 401 with a new token when the body allows, relay the answer."""
-        # A streamed body of unknown length goes upstream chunked, as the client sent it.
-        chunked = streamed is not None and request.content_length is None
+        length = request.content_length  # a streamed body of unknown length goes chunked
         while True:
             fields = upstream_request_headers(
                 request.headers,
@@ -118,7 +117,7 @@ class Forwarder:
             sent = time.monotonic()
             try:
                 upstream = await self._pool.request(
-                    request.method, target, fields, body, chunked=chunked
+                    request.method, target, fields, body, length=length
                 )
             except ProxyError:
                 if streamed is not None and streamed.failure is not None:
@@ -126,7 +125,7 @@ class Forwarder:
                 raise
             if upstream.status != 401 or not replayable or not self._tokens.invalidate(token):
                 break
-            upstream.release()
+            await upstream.release()
             self._metrics.upstream_401_retries.inc()
             token = await self._tokens.get()
             replayable = False  # exactly one retry
@@ -134,7 +133,7 @@ class Forwarder:
         try:
             await self._relay(request, upstream)
         finally:
-            upstream.release()
+            await upstream.release()
         return upstream_seconds
 
     async def _body(self, request: Request) -> tuple[Body, bool, StreamedBody | None]:
@@ -178,7 +177,7 @@ class Forwarder:
             if length is not None and length <= SMALL_ANSWER:
                 # Read before anything is sent: a failure is still a clean 502 or 504.
                 body = await upstream.read()
-                reply.whole(message.code, message.reason, fields, body)
+                reply.whole(message.code, message.reason, fields, body, length)
                 return
             reply.start(message.code, message.reason, fields, length)
             async for chunk in upstream.content.iter_any():

@@ -32,7 +32,13 @@ CLIENT_CREDENTIALS = frozenset({"authorization", "x-logicdrop-apikey"})
 # Expect is answered by the proxy (100 Continue) rather than passed on.
 _REBUILT = frozenset({"host", "expect", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
 
-_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | _REBUILT
+# Body framing is written by whoever writes the message, from the length the parser used:
+# never copied, so no header list (nor a Connection header naming Content-Length) can change
+# where one message ends and the next begins.
+FRAMING = frozenset({"content-length", "transfer-encoding"})
+
+_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | _REBUILT | FRAMING
+_RESPONSE_DROP = HOP_BY_HOP | FRAMING
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -56,8 +62,9 @@ def upstream_request_headers(
 ) -> list[tuple[str, str]]:
     """The header fields to send upstream for a client request with ``headers``, in order.
 
-    Drops hop-by-hop fields and client credentials, sets the proxy's ``Authorization``, and
-    appends the client to ``X-Forwarded-For``/``-Proto``/``-Host``. Everything else passes in
+    Drops hop-by-hop and framing fields and client credentials, sets the proxy's
+    ``Authorization``, and appends the client to ``X-Forwarded-For``/``-Proto``/``-Host``. The
+    pool writes the framing for the body it sends. Everything else passes in
     order, repeats included; nothing the client did not send is added. ``Host`` is the
     upstream's, written by the connection pool.
     """
@@ -86,12 +93,15 @@ def _appended(
 def downstream_response_headers(
     headers: CIMultiDictProxy[str], *, location: LocationRewriter, proxy_origin: str | None
 ) -> list[tuple[str, str]]:
-    """The header fields to send the client for an upstream answer with ``headers``."""
+    """The header fields to send the client for an upstream answer with ``headers``.
+
+    Hop-by-hop and framing fields are left out: the reply writes its own framing.
+    """
     listed = connection_listed(headers)
     out = []
     for name, value in headers.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in listed:
+        if lower in _RESPONSE_DROP or lower in listed:
             continue
         if lower == "location":
             value = location.rewrite(value, proxy_origin)

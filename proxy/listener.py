@@ -79,6 +79,7 @@ class Listener:
             await asyncio.wait(busy, timeout=grace)
         for connection in list(self.connections):
             connection.close(cancel=True, linger=False)
+            connection.abort()  # what is left unsent after the grace stays unsent
 
 
 class ClientConnection(BaseProtocol):
@@ -96,6 +97,7 @@ class ClientConnection(BaseProtocol):
             max_headers=limits.max_headers,
             payload_exception=BrokenBody,
             auto_decompress=False,  # a proxy passes compressed bodies through
+            max_msg_queue_size=MAX_QUEUED,  # parsing pauses when this many wait for answers
         )
         super().__init__(loop, parser)
         self._reader = parser
@@ -155,7 +157,7 @@ class ClientConnection(BaseProtocol):
             if self.task is None:
                 self.task = self._loop.create_task(self._serve())
             if len(queue) >= MAX_QUEUED and not self._buffer_paused:
-                self._pause_reading_for_buffer()
+                self._pause_reading_for_buffer()  # the parser holds the rest until answered
         elif data and self._head_timer is None and self._between_requests():
             # Part of a head: the common case (a whole head in one read) never gets here.
             self._idle_since = None
@@ -185,21 +187,34 @@ class ClientConnection(BaseProtocol):
         try:
             while queue:
                 message, body = queue.popleft()
-                if self._buffer_paused and len(queue) < MAX_QUEUED:
-                    self._resume_reading_for_buffer()
                 if isinstance(message, Exception):
                     self._answer_parse_error(message)
                     return
+                self._reader.message_consumed()
+                if self._buffer_paused and len(queue) < MAX_QUEUED:
+                    self.data_received(b"")  # parse what the parser held back
+                    if len(queue) < MAX_QUEUED:
+                        self._resume_reading_for_buffer()
                 request = Request(self, message, body, self._remote)
                 await self._listener.handler(request)
-                if request.reply.close or self._listener.closing or self._done_reading:
+                if request.reply.close or self._listener.closing:
                     self.close()
                     return
                 if not body.is_eof() and not await _drained(body):
                     self.close()  # the client is still sending a body nobody reads
                     return
+                # The next answer waits until this one is on its way: a client that pipelines
+                # requests but reads no answers cannot make the proxy buffer them all.
+                await self.drain()
+            if self._done_reading:
+                self.close()  # after an upgrade request, or a parse error already answered
+                return
         except ConnectionError:
-            self.close()  # the client went away while being answered
+            self.close(linger=False)  # the client went away, or stopped reading
+            return
+        except Exception:
+            log.exception("unexpected error on a client connection; closing it")
+            self.close(linger=False)
             return
         finally:
             self.task = None
@@ -213,9 +228,20 @@ class ClientConnection(BaseProtocol):
         transport.write(data)
 
     async def drain(self) -> None:
-        """Wait while the client is slow to take what was written."""
-        if self._paused:
-            await self._drain_helper()
+        """Wait while the client is slow to take what was written, up to server.send_timeout.
+
+        A client that takes nothing for that long is cut off (ConnectionResetError), which
+        frees the upstream connection its exchange holds.
+        """
+        if not self._paused:
+            return
+        try:
+            async with asyncio.timeout(self._limits.send_timeout):
+                await self._drain_helper()
+        except TimeoutError:
+            log.info("a client took no answer bytes for server.send_timeout; cutting it off")
+            self.abort()
+            raise ConnectionResetError("the client stopped reading") from None
 
     @property
     def closing(self) -> bool:
@@ -243,9 +269,18 @@ class ClientConnection(BaseProtocol):
         if linger and not self._lingering and transport.can_write_eof():
             self._lingering = True
             transport.write_eof()
-            self._loop.call_later(LINGER, transport.close)
+            self._loop.call_later(LINGER, self._close_now)
         else:
-            transport.close()
+            self._close_now()
+
+    def _close_now(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        transport.close()
+        if transport.get_write_buffer_size():
+            # A client that takes nothing would hold the closing connection open for ever.
+            self._loop.call_later(self._limits.send_timeout, transport.abort)
 
     def close_if_idle(self) -> None:
         """Close now if no request is being answered (shutdown)."""

@@ -146,12 +146,18 @@ class Reply:
         """Send an answer the proxy made, with a Date and its length."""
         if answer.close:
             self.close = True
-        fields = [*answer.headers, ("Content-Length", str(len(answer.body))), ("Date", http_date())]
+        fields = [*answer.headers, ("Date", http_date())]
         self.whole(answer.status, HTTPStatus(answer.status).phrase, fields, answer.body)
 
-    def whole(self, status: int, reason: str, fields: Fields, body: bytes) -> None:
-        """Send head and body in one write; ``fields`` carry the body's Content-Length."""
-        head = self._head(status, reason, fields, len(body))
+    def whole(
+        self, status: int, reason: str, fields: Fields, body: bytes, length: int | None = None
+    ) -> None:
+        """Send head and body in one write.
+
+        ``length`` is the Content-Length to announce when it is not ``len(body)``: an answer
+        to HEAD announces the length a GET would have had.
+        """
+        head = self._head(status, reason, fields, len(body) if length is None else length)
         if self._empty or not body:
             self._connection.write(head)
             return
@@ -192,11 +198,12 @@ class Reply:
         )
         # HTTP/1.1 whatever the request said (RFC 9112 2.5), as nginx answers.
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        if status in _NO_BODY_STATUS:  # these never carry a length (RFC 9110 8.6)
-            lines += [f"{n}: {v}\r\n" for n, v in fields if n.lower() != "content-length"]
-        else:
-            lines += [f"{n}: {v}\r\n" for n, v in fields]
-        if length is None and not self._empty:
+        lines += [f"{n}: {v}\r\n" for n, v in fields]
+        if status in _NO_BODY_STATUS:
+            pass  # these never carry a length (RFC 9110 8.6)
+        elif length is not None:
+            lines.append(f"Content-Length: {length}\r\n")
+        elif not self._empty:
             if version >= (1, 1):
                 self._chunked = True
                 lines.append("Transfer-Encoding: chunked\r\n")

@@ -19,7 +19,7 @@ import os
 import ssl
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from aiohttp.base_protocol import BaseProtocol
@@ -28,10 +28,20 @@ from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
 from .config import UpstreamSettings
-from .errors import BadUpstreamResponse, ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .errors import (
+    BadUpstreamResponse,
+    ConfigError,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 
 READ_BUFFER = 64 * 1024
 """Body bytes buffered per response before reading from the upstream pauses."""
+IDLE_LIFETIME = 15.0
+"""Seconds a pooled connection may sit unused and still be used: upstreams and load balancers
+close idle connections after their own timeouts (often 60 s), and a request sent on one just
+as it closes is lost (a POST cannot be sent again)."""
 
 NO_ANSWER = "the upstream sent no answer within upstream.read_timeout"
 STALLED = "the upstream stopped sending within upstream.read_timeout"
@@ -60,9 +70,9 @@ class Route:
     """The upstream's ``Host`` header value."""
     absolute_prefix: str = ""
     """``http://host:port`` when requests go to a plain-HTTP egress proxy in absolute form."""
-    tunnel: bytes = b""
+    tunnel: bytes = field(default=b"", repr=False)  # may hold the egress proxy's credentials
     """The CONNECT request that opens a tunnel through an egress proxy, if any."""
-    proxy_authorization: str = ""
+    proxy_authorization: str = field(default="", repr=False)
 
     @classmethod
     def of(cls, settings: UpstreamSettings) -> Route:
@@ -81,6 +91,11 @@ class Route:
         if proxy_url is None:
             return route
         proxy = urlsplit(proxy_url)
+        if proxy.scheme != "http":
+            raise ConfigError(
+                f"upstream.trust_env: the egress proxy for {scheme} must be an http:// URL "
+                "(the proxy tunnels TLS to the upstream through it); fix HTTP(S)_PROXY"
+            )
         credentials = ""
         if proxy.username is not None:
             pair = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
@@ -139,9 +154,15 @@ class UpstreamResponse:
             return content.read_nowait()
         return await content.read()
 
-    def release(self) -> None:
-        """Hand the connection back: to the pool when reusable, else closed."""
-        self._connection.finish(self)
+    async def release(self) -> None:
+        """Hand the connection back: to the pool when reusable, else closed.
+
+        A request body still being sent (the upstream answered early) is stopped first, so
+        nothing else reads the client's body while it is being abandoned.
+        """
+        writer = self._connection.finish()
+        if writer is not None:
+            await asyncio.wait([writer])
 
 
 class UpstreamPool:
@@ -172,14 +193,22 @@ class UpstreamPool:
         fields: Iterable[tuple[str, str]],
         body: Body,
         *,
-        chunked: bool = False,
+        length: int | None = None,
     ) -> UpstreamResponse:
         """Send one request and wait for the answer's head.
 
-        ``fields`` are sent in order after ``Host``; framing is the caller's: ``Content-Length``
-        among the fields for a body of known size, or ``chunked`` to frame a streamed one.
+        ``fields`` are sent in order after ``Host`` and must hold no framing: the pool frames
+        the body itself, ``Content-Length`` for bytes or a streamed body of known ``length``,
+        chunked for a streamed body of unknown length, nothing when there is no body.
         """
-        head = self._head(method, target, fields, chunked)
+        chunked = False
+        if isinstance(body, bytes):
+            length = len(body)
+        elif body is None:
+            length = None
+        elif length is None:
+            chunked = True
+        head = self._head(method, target, fields, length, chunked)
         connection = self._take_idle()
         if connection is not None:
             try:
@@ -194,12 +223,19 @@ class UpstreamPool:
             raise BadUpstreamResponse(CLOSED) from None
 
     def _head(
-        self, method: str, target: str, fields: Iterable[tuple[str, str]], chunked: bool
+        self,
+        method: str,
+        target: str,
+        fields: Iterable[tuple[str, str]],
+        length: int | None,
+        chunked: bool,
     ) -> bytes:
         parts = [method, " ", self._target_prefix, target, self._line_end]
         for name, value in fields:
             parts += (name, ": ", value, "\r\n")
-        if chunked:
+        if length is not None:
+            parts += ("Content-Length: ", str(length), "\r\n")
+        elif chunked:
             parts.append("Transfer-Encoding: chunked\r\n")
         parts.append("\r\n")
         # Header values were checked to be ASCII or UTF-8, as received.
@@ -207,10 +243,12 @@ class UpstreamPool:
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
+        fresh_since = asyncio.get_running_loop().time() - IDLE_LIFETIME
         while idle:
             connection = idle.pop()
-            if connection.usable():
+            if connection.parked_at >= fresh_since and connection.usable():
                 return connection
+            connection.close()
         return None
 
     def park(self, connection: UpstreamConnection) -> None:
@@ -218,6 +256,7 @@ class UpstreamPool:
         if self._closed:
             connection.close()
         else:
+            connection.parked_at = asyncio.get_running_loop().time()
             self._idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:
@@ -229,11 +268,18 @@ class UpstreamPool:
     async def _connect(self) -> UpstreamConnection:
         route = self._route
         loop = asyncio.get_running_loop()
+        opened: list[UpstreamConnection] = []
+
+        def new_connection() -> UpstreamConnection:
+            connection = UpstreamConnection(loop, self, self._read_timeout)
+            opened.append(connection)
+            return connection
+
         try:
             async with asyncio.timeout(self._connect_timeout):
                 direct_tls = route.tls if not route.tunnel else None
                 _, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(loop, self, self._read_timeout),
+                    new_connection,
                     route.host,
                     route.port,
                     ssl=direct_tls,
@@ -243,17 +289,10 @@ class UpstreamPool:
                 if route.tunnel:
                     assert route.tls is not None
                     await connection.open_tunnel(route.tunnel, route.tls, route.server_hostname)
-        except TimeoutError:
-            raise UpstreamUnreachable(
-                "could not connect to the upstream within upstream.connect_timeout"
-            ) from None
-        except ssl.SSLError as exc:
-            raise UpstreamUnreachable(
-                f"could not connect to the upstream (TLS: {exc.reason or type(exc).__name__})"
-            ) from None
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
-            raise UpstreamUnreachable(f"could not connect to the upstream ({reason})") from None
+        except BaseException as exc:
+            for half_made in opened:  # a refused tunnel, a TLS failure, a timeout, a hang-up
+                half_made.close()
+            raise _connect_error(exc) from None
         return connection
 
     def close(self) -> None:
@@ -262,6 +301,22 @@ class UpstreamPool:
         for connection in list(self._open):
             connection.close()
         self._idle.clear()
+
+
+def _connect_error(exc: BaseException) -> BaseException:
+    """What a failed connect is reported as; anything but a network failure as itself."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamUnreachable(
+            "could not connect to the upstream within upstream.connect_timeout"
+        )
+    if isinstance(exc, ssl.SSLError):
+        return UpstreamUnreachable(
+            f"could not connect to the upstream (TLS: {exc.reason or type(exc).__name__})"
+        )
+    if isinstance(exc, OSError):
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        return UpstreamUnreachable(f"could not connect to the upstream ({reason})")
+    return exc
 
 
 class _BodyFailed(BadUpstreamResponse):
@@ -296,6 +351,8 @@ class UpstreamConnection(BaseProtocol):
         self._client_turn = False  # a streamed request body waits for the client's bytes
         self._received = False  # any byte of the current exchange's answer
         self._exchanges = 0
+        self.parked_at = 0.0
+        """When the connection last went back to the pool."""
         self._tunnel: asyncio.Future[None] | None = None
         self._tunnel_head = b""
 
@@ -492,19 +549,28 @@ class UpstreamConnection(BaseProtocol):
             self._body.set_exception(error)
         self.close()
 
-    def finish(self, response: UpstreamResponse) -> None:
-        """End the exchange: park the connection if the answer was read whole, else close it."""
+    def finish(self) -> asyncio.Task[None] | None:
+        """End the exchange: park the connection if it is clean, else close it.
+
+        Clean: the answer was read to its end, the request was sent whole, and no byte of a
+        further answer has arrived. Returns the request-body writer if it had to be stopped.
+        """
         self._stop_timer()
         writer, self._writer = self._writer, None
         body, self._body = self._body, None
         message, self._message = self._message, None
         complete = (body is None or body.is_eof()) and (writer is None or writer.done())
-        if complete and message is not None and not message.should_close and self.usable():
+        # feed_eof() returns a message only when the bytes after this answer began another.
+        started_another = complete and self._reader.feed_eof() is not None
+        reusable = message is not None and not message.should_close and self.usable()
+        if complete and not started_another and reusable:
             self._pool.park(self)
-            return
-        if writer is not None:
-            writer.cancel()
+            return None
         self.close()
+        if writer is not None and not writer.done():
+            writer.cancel()
+            return writer
+        return None
 
     def close(self) -> None:
         """Close the connection (its pool forgets it once the close completes)."""

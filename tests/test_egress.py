@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import ssl
@@ -13,12 +14,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from proxy.errors import ERROR_HEADER
+from proxy.config import UpstreamSettings
+from proxy.errors import ERROR_HEADER, ConfigError
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
+from proxy.upstream import Route
 
 from .rawhttp import RawRequest, RawUpstream, exchange
-from .support import make_settings, wait_ready
+from .support import make_settings, wait_for, wait_ready
 
 GET = b"GET /secure HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 
@@ -178,3 +181,55 @@ async def test_https_upstream_is_reached_through_a_connect_tunnel(
     assert json.loads(response.body) == {"authorization": True}
     authority = tls_upstream.removeprefix("https://").encode()
     assert connects == [b"CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (authority, authority)]
+
+
+async def test_a_refused_tunnel_leaves_no_connection_open(
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    tls_upstream: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An egress proxy that refuses CONNECT (407, keeping its side open): 502 each time, and
+    every connection the proxy opened to it is closed again."""
+    open_now = 0
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal open_now
+        open_now += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+            await reader.read()  # until the proxy closes its side
+        finally:
+            open_now -= 1
+            writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    settings = make_settings(
+        token_server, upstream, upstream={"url": tls_upstream, "trust_env": True}
+    )
+    try:
+        async with Proxy(settings) as proxy:
+            await wait_ready(proxy)
+            statuses = [(await exchange(proxy.port, GET)).status for _ in range(3)]
+            await wait_for(lambda: open_now == 0, timeout=3)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert statuses == [502, 502, 502]
+
+
+async def test_egress_credentials_stay_out_of_reprs_and_https_proxies_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The egress proxy's password never shows in a repr; an https:// egress proxy (which
+    would get the password in clear here) is a configuration error."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://egress-user:egress-pass@127.0.0.1:3128")
+    route = Route.of(UpstreamSettings(url="https://api.example", trust_env=True))
+    assert route.tunnel.startswith(b"CONNECT api.example:443 HTTP/1.1")
+    assert "egress-pass" not in repr(route)
+    assert base64.b64encode(b"egress-user:egress-pass").decode() not in repr(route)
+    monkeypatch.setenv("HTTPS_PROXY", "https://127.0.0.1:3128")
+    with pytest.raises(ConfigError, match="http:// URL"):
+        Route.of(UpstreamSettings(url="https://api.example", trust_env=True))

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from proxy import upstream as upstream_pool
 from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
@@ -32,10 +33,11 @@ async def test_connections_are_reused(token_server: StandInTokenServer) -> None:
 def closes_every_second_request() -> Responder:
     """A responder that answers the first request on each connection and closes on the next,
     as an upstream does when its keep-alive timeout ends just as a request arrives."""
-    seen: dict[int, int] = {}
+    seen: dict[tuple[str, int], int] = {}
 
     async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
-        count = seen[id(writer)] = seen.get(id(writer), 0) + 1
+        peer = writer.get_extra_info("peername")  # one per connection (an id() could recur)
+        count = seen[peer] = seen.get(peer, 0) + 1
         if count == 1:
             writer.write(OK)
             await writer.drain()
@@ -92,18 +94,33 @@ async def test_head_then_get_on_one_connection(token_server: StandInTokenServer)
     assert raw.connections == 1
 
 
+@pytest.mark.parametrize(
+    "extra", [b"HTTP/1.1 204 Sneaky\r\n\r\n", b"HTTP/1.1 200 OK\r\n"], ids=["whole", "begun"]
+)
 async def test_an_upstream_that_talks_out_of_turn_is_not_reused(
-    token_server: StandInTokenServer,
+    token_server: StandInTokenServer, extra: bytes
 ) -> None:
-    """Bytes after a complete answer are never read as the next answer: new connection."""
-    async with proxy_in_front_of(token_server, canned(OK + b"HTTP/1.1 204 Sneaky\r\n\r\n")) as (
-        raw,
-        proxy,
-    ):
+    """Bytes after a complete answer (a whole extra answer, or one just begun) are never read
+    as the next request's answer: that connection is not used again."""
+    async with proxy_in_front_of(token_server, canned(OK + extra)) as (raw, proxy):
         first = await exchange(proxy.port, GET)
         second = await exchange(proxy.port, GET)
     assert (first.status, first.body) == (200, b"ok")
     assert (second.status, second.body) == (200, b"ok")
+    assert raw.connections == 2
+
+
+async def test_a_connection_idle_too_long_is_not_used_again(
+    token_server: StandInTokenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled connection unused for IDLE_LIFETIME is closed rather than risked."""
+    monkeypatch.setattr(upstream_pool, "IDLE_LIFETIME", 0.3)
+    async with proxy_in_front_of(token_server) as (raw, proxy):
+        await exchange(proxy.port, GET)
+        await exchange(proxy.port, GET)  # within the lifetime: same connection
+        await asyncio.sleep(0.5)
+        late = await exchange(proxy.port, GET)
+    assert late.status == 200
     assert raw.connections == 2
 
 
