@@ -7,6 +7,7 @@ upstream: the proxy alone authenticates. Repeated fields (several ``Set-Cookie``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -158,10 +159,11 @@ class LocationRewriter:
 
 
 def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether every raw header value survives aiohttp's decode and re-encode byte for byte.
+    """Whether every raw header value is one the proxy passes on exactly and safely.
 
-    aiohttp reads field values as UTF-8 and writes them as UTF-8: ASCII and valid UTF-8 come
-    out as they went in, other bytes (obs-text such as Latin-1) would be altered or dropped.
+    Values must be ASCII or UTF-8 (other bytes, obs-text such as Latin-1, are refused rather
+    than guessed at) and hold no control character but HTAB: the upstream's parser is lenient
+    about those, and a client's parser may not be.
     """
     for _, value in raw_headers:
         if not value.isascii():
@@ -169,4 +171,9 @@ def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
                 value.decode("utf-8")
             except UnicodeDecodeError:
                 return False
+        if _CONTROL.search(value):
+            return False
     return True
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")

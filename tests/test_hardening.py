@@ -567,13 +567,15 @@ async def test_header_bytes_that_would_change_are_refused(
     [
         b"HTTP/1.1 200 OK\r\nX-A: caf\xe9!\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
     ],
-    ids=["non-ascii-header", "unsolicited-101"],
+    ids=["non-ascii-header", "unsolicited-101", "control-byte-in-header"],
 )
 async def test_upstream_answers_the_proxy_cannot_relay_faithfully_are_502(
     token_server: StandInTokenServer, answer: bytes
 ) -> None:
-    """Bytes aiohttp would alter, or a protocol switch: 502 rather than a changed answer."""
+    """Bytes that would be altered or that a client may misread, or a protocol switch: 502
+    rather than a changed answer."""
     async with proxy_in_front_of(token_server, canned(answer, close=True)) as (_raw, proxy):
         response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\n\r\n")
     assert response.status == 502
