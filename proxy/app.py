@@ -1,9 +1,10 @@
 """create_app(settings): state, the resources' single owner, and the request dispatcher.
 
 The :class:`aiohttp.web.Application` holds the app's state under typed keys and owns the async
-resources in one cleanup context: the upstream ``ClientSession`` and the ``TokenManager`` are
-made at start-up and closed at shutdown, in reverse order, and only if they were made. Requests
-are dispatched by :func:`dispatcher`: ``/-/`` paths to the admin routes, all others forwarded.
+resources in one cleanup context: the upstream connection pool, the token endpoint's
+``ClientSession`` and the ``TokenManager`` are made at start-up and closed at shutdown, in
+reverse order, and only if they were made. Requests are dispatched by :func:`dispatcher`:
+``/-/`` paths to the admin routes, all others forwarded.
 """
 
 from __future__ import annotations

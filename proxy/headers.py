@@ -165,14 +165,17 @@ def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
     than guessed at) and hold no control character but HTAB: the upstream's parser is lenient
     about those, and a client's parser may not be.
     """
-    for _, value in raw_headers:
-        if not value.isascii():
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError:
-                return False
-        if _CONTROL.search(value):
-            return False
+    values = [value for _, value in raw_headers]
+    joined = b"".join(values)  # one scan for the common case, not one per field
+    if _CONTROL.search(joined):
+        return False
+    if joined.isascii():
+        return True
+    try:
+        for value in values:  # one by one: halves of two fields could join into valid UTF-8
+            value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
     return True
 
 

@@ -17,6 +17,7 @@ import base64
 import contextlib
 import os
 import ssl
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ class UpstreamPool:
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
-        fresh_since = asyncio.get_running_loop().time() - IDLE_LIFETIME
+        fresh_since = time.monotonic() - IDLE_LIFETIME
         while idle:
             connection = idle.pop()
             if connection.parked_at >= fresh_since and connection.usable():
@@ -256,7 +257,7 @@ class UpstreamPool:
         if self._closed:
             connection.close()
         else:
-            connection.parked_at = asyncio.get_running_loop().time()
+            connection.parked_at = time.monotonic()
             self._idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:
