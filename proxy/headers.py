@@ -159,13 +159,20 @@ class LocationRewriter:
 
 
 def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether every raw header value is one the proxy passes on exactly and safely.
+    """Whether every raw header field is one the proxy passes on exactly and safely.
 
-    Values must be ASCII or UTF-8 (other bytes, obs-text such as Latin-1, are refused rather
-    than guessed at) and hold no control character but HTAB: the upstream's parser is lenient
-    about those, and a client's parser may not be.
+    Names must be tokens (RFC 9110 5.1; the upstream's parser lets a space before the colon
+    through). Values must be ASCII or UTF-8 (other bytes, obs-text such as Latin-1, are refused
+    rather than guessed at) and hold no control character but HTAB: the upstream's parser is
+    lenient about those, and a client's parser may not be.
     """
-    values = [value for _, value in raw_headers]
+    fields = list(raw_headers)
+    if not fields:
+        return True
+    names = b"\n".join([name for name, _ in fields])
+    if _NOT_TOKEN.search(names):  # e.g. "Content-Length " (a space before the colon)
+        return False
+    values = [value for _, value in fields]
     joined = b"".join(values)  # one scan for the common case, not one per field
     if _CONTROL.search(joined):
         return False
@@ -180,3 +187,4 @@ def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_NOT_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z\n]|^$|\n\n|^\n|\n$")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -65,6 +66,7 @@ class Listener:
         self.connections: set[ClientConnection] = set()
         self.closing = False
         """Set at shutdown: no new request is started; connections close after their answer."""
+        self._all_closed = asyncio.Event()
 
     def __call__(self) -> ClientConnection:
         return ClientConnection(self)
@@ -74,12 +76,26 @@ class Listener:
         self.closing = True
         for connection in list(self.connections):
             connection.close_if_idle()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         busy = {c.task for c in self.connections if c.task is not None}
         if busy:
             await asyncio.wait(busy, timeout=grace)
         for connection in list(self.connections):
             connection.close(cancel=True, linger=False)
-            connection.abort()  # what is left unsent after the grace stays unsent
+        # Answers still on their way get the rest of the grace; then what is unsent stays so.
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._all_closed.wait()
+        for connection in list(self.connections):
+            connection.abort()
+
+    def forget(self, connection: ClientConnection) -> None:
+        """Drop a closed connection."""
+        self.connections.discard(connection)
+        if self.closing and not self.connections:
+            self._all_closed.set()
 
 
 class ClientConnection(BaseProtocol):
@@ -167,7 +183,7 @@ class ClientConnection(BaseProtocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop everything the connection had going: timers, its handler, its body."""
-        self._listener.connections.discard(self)
+        self._listener.forget(self)
         self._cancel_head_timer()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
@@ -190,13 +206,15 @@ class ClientConnection(BaseProtocol):
                 if isinstance(message, Exception):
                     self._answer_parse_error(message)
                     return
-                self._reader.message_consumed()
-                if self._buffer_paused and len(queue) < MAX_QUEUED:
-                    self.data_received(b"")  # parse what the parser held back
-                    if len(queue) < MAX_QUEUED:
-                        self._resume_reading_for_buffer()
+                if body.is_eof():
+                    self._request_done()
+                else:
+                    body.on_eof(self._body_ended)
                 request = Request(self, message, body, self._remote)
                 await self._listener.handler(request)
+                transport = self.transport
+                if transport is None or transport.is_closing():
+                    return  # cut while answering (or the client left): nothing more to serve
                 if request.reply.close or self._listener.closing:
                     self.close()
                     return
@@ -219,6 +237,18 @@ class ClientConnection(BaseProtocol):
         finally:
             self.task = None
         self._idle()
+
+    def _body_ended(self) -> None:
+        # llhttp counts a request once its body ends, just after this callback runs.
+        self._loop.call_soon(self._request_done)
+
+    def _request_done(self) -> None:
+        """A request left the queue and its body ended: the parser may read one more ahead."""
+        self._reader.message_consumed()
+        if len(self._queue) < MAX_QUEUED:
+            self.data_received(b"")  # parse requests the parser held back, if any
+            if self._buffer_paused and len(self._queue) < MAX_QUEUED:
+                self._resume_reading_for_buffer()
 
     def write(self, data: bytes) -> None:
         """Send bytes to the client; raise ConnectionResetError if it is gone."""

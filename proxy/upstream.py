@@ -118,6 +118,21 @@ class Route:
         return cls(proxy_host, proxy_port, tls, host, authority, tunnel=(connect + "\r\n").encode())
 
 
+def _keep_alive_timeout(message: RawResponseMessage) -> float | None:
+    """The idle timeout in an answer's ``Keep-Alive: timeout=N``, if any."""
+    value = message.headers.get("Keep-Alive")
+    if value is None:
+        return None
+    for part in value.split(","):
+        name, _, number = part.strip().partition("=")
+        if name.strip().lower() == "timeout":
+            try:
+                return float(number.strip())
+            except ValueError:
+                return None
+    return None
+
+
 def _egress_proxy(scheme: str, host: str) -> str | None:
     proxies = urllib.request.getproxies_environment()
     if urllib.request.proxy_bypass(host):  # NO_PROXY (the environment's, on POSIX)
@@ -244,21 +259,28 @@ class UpstreamPool:
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle
-        fresh_since = time.monotonic() - IDLE_LIFETIME
+        now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if connection.parked_at >= fresh_since and connection.usable():
+            if connection.usable_until > now and connection.usable():
                 return connection
             connection.close()
         return None
 
-    def park(self, connection: UpstreamConnection) -> None:
-        """Keep a connection whose exchange ended cleanly for the next request."""
+    def park(self, connection: UpstreamConnection, upstream_timeout: float | None) -> None:
+        """Keep a connection whose exchange ended cleanly for the next request.
+
+        It is used again for IDLE_LIFETIME at most, and never beyond a second before the
+        idle timeout the upstream announced (``Keep-Alive: timeout=N``).
+        """
         if self._closed:
             connection.close()
-        else:
-            connection.parked_at = time.monotonic()
-            self._idle.append(connection)
+            return
+        lifetime = IDLE_LIFETIME
+        if upstream_timeout is not None:
+            lifetime = min(lifetime, upstream_timeout - 1)
+        connection.usable_until = time.monotonic() + lifetime
+        self._idle.append(connection)
 
     def forget(self, connection: UpstreamConnection) -> None:
         """Drop a connection that closed."""
@@ -352,8 +374,8 @@ class UpstreamConnection(BaseProtocol):
         self._client_turn = False  # a streamed request body waits for the client's bytes
         self._received = False  # any byte of the current exchange's answer
         self._exchanges = 0
-        self.parked_at = 0.0
-        """When the connection last went back to the pool."""
+        self.usable_until = 0.0
+        """Until when the pooled connection may carry another request."""
         self._tunnel: asyncio.Future[None] | None = None
         self._tunnel_head = b""
 
@@ -561,11 +583,12 @@ class UpstreamConnection(BaseProtocol):
         body, self._body = self._body, None
         message, self._message = self._message, None
         complete = (body is None or body.is_eof()) and (writer is None or writer.done())
-        # feed_eof() returns a message only when the bytes after this answer began another.
-        started_another = complete and self._reader.feed_eof() is not None
+        # feed_eof() returns a message (or fails) only when bytes after this answer began another.
+        started_another = complete and self._another_answer_begun()
         reusable = message is not None and not message.should_close and self.usable()
         if complete and not started_another and reusable:
-            self._pool.park(self)
+            assert message is not None
+            self._pool.park(self, _keep_alive_timeout(message))
             return None
         self.close()
         if writer is not None and not writer.done():
@@ -573,10 +596,25 @@ class UpstreamConnection(BaseProtocol):
             return writer
         return None
 
+    def _another_answer_begun(self) -> bool:
+        try:
+            return self._reader.feed_eof() is not None
+        except Exception:  # it began, badly: all the same, never reuse this
+            return True
+
     def close(self) -> None:
-        """Close the connection (its pool forgets it once the close completes)."""
-        if self.transport is not None:
-            self.transport.close()
+        """Close the connection (its pool forgets it once the close completes).
+
+        Bytes still unsent (an upload the upstream stopped reading) are dropped: a close that
+        waited for them would hold the socket for as long as the upstream keeps it open.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
 
     # -- CONNECT tunnels through an egress proxy ------------------------------------------
 

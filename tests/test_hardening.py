@@ -568,8 +568,9 @@ async def test_header_bytes_that_would_change_are_refused(
         b"HTTP/1.1 200 OK\r\nX-A: caf\xe9!\r\nContent-Length: 2\r\n\r\nok",
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
     ],
-    ids=["non-ascii-header", "unsolicited-101", "control-byte-in-header"],
+    ids=["non-ascii-header", "unsolicited-101", "control-byte-in-header", "space-before-colon"],
 )
 async def test_upstream_answers_the_proxy_cannot_relay_faithfully_are_502(
     token_server: StandInTokenServer, answer: bytes

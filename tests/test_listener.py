@@ -166,3 +166,25 @@ async def test_shutdown_does_not_wait_for_a_client_that_reads_nothing(
     stopped_in = time.monotonic() - started
     writer.transport.abort()
     assert stopped_in < 3
+
+
+async def test_pipelined_requests_behind_a_slow_body_are_all_answered(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """A request whose body comes late, then twenty pipelined behind it: twenty-one answers."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"POST /slow/0.3 HTTP/1.1\r\nHost: p\r\nContent-Length: 5\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"hello")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(b"GET /after HTTP/1.1\r\nHost: p\r\n\r\n" * 20)
+        await writer.drain()
+        async with asyncio.timeout(10):
+            statuses = [(await read_response(reader)).status for _ in range(21)]
+    finally:
+        writer.close()
+    assert statuses == [200] * 21
+    assert len(upstream.received) == 21

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 
 import pytest
@@ -14,7 +16,7 @@ from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
 from .rawhttp import RawRequest, Responder, canned, exchange, read_response
-from .support import make_settings, proxy_in_front_of, wait_ready
+from .support import make_settings, proxy_in_front_of, wait_for, wait_ready
 
 GET = b"GET /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 POST = b"POST /items HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 2\r\n\r\nhi"
@@ -95,10 +97,16 @@ async def test_head_then_get_on_one_connection(token_server: StandInTokenServer)
 
 
 @pytest.mark.parametrize(
-    "extra", [b"HTTP/1.1 204 Sneaky\r\n\r\n", b"HTTP/1.1 200 OK\r\n"], ids=["whole", "begun"]
+    "extra",
+    [
+        b"HTTP/1.1 204 Sneaky\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.1 200 OK\r\nSec-WebSocket-Key1: x\r\n",
+    ],
+    ids=["whole", "begun", "begun-badly"],
 )
 async def test_an_upstream_that_talks_out_of_turn_is_not_reused(
-    token_server: StandInTokenServer, extra: bytes
+    token_server: StandInTokenServer, extra: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Bytes after a complete answer (a whole extra answer, or one just begun) are never read
     as the next request's answer: that connection is not used again."""
@@ -108,6 +116,7 @@ async def test_an_upstream_that_talks_out_of_turn_is_not_reused(
     assert (first.status, first.body) == (200, b"ok")
     assert (second.status, second.body) == (200, b"ok")
     assert raw.connections == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_a_connection_idle_too_long_is_not_used_again(
@@ -122,6 +131,79 @@ async def test_a_connection_idle_too_long_is_not_used_again(
         late = await exchange(proxy.port, GET)
     assert late.status == 200
     assert raw.connections == 2
+
+
+async def test_the_upstreams_keep_alive_timeout_is_respected(
+    token_server: StandInTokenServer,
+) -> None:
+    """``Keep-Alive: timeout=N`` from the upstream: a connection is not reused in the last
+    second before the upstream would close it."""
+    answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1.5\r\nContent-Length: 2\r\n\r\nok"
+    async with proxy_in_front_of(token_server, canned(answer)) as (raw, proxy):
+        await exchange(proxy.port, GET)
+        await exchange(proxy.port, GET)  # at once: the same connection
+        await asyncio.sleep(0.7)
+        late = await exchange(proxy.port, GET)
+    assert (late.status, late.body) == (200, b"ok")
+    assert raw.connections == 2
+
+
+def sockets_to(port: int) -> int:
+    """How many of this process's open sockets are connected to 127.0.0.1:``port``."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    wanted = f"0100007F:{port:04X}"
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return sum(1 for row in rows if row[2] == wanted and row[9] in inodes)
+
+
+async def test_an_upload_the_upstream_stops_reading_does_not_hold_a_socket(
+    token_server: StandInTokenServer, upstream: StandInUpstream
+) -> None:
+    """The upstream answers an upload early and reads no more of it: the proxy relays the
+    answer and lets go of that connection at once, rather than wait for ever to send the rest."""
+    done = asyncio.Event()
+
+    async def refuse_then_stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(1.0)  # reads nothing: the proxy's sends pile up, unsent
+        writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        await done.wait()  # and still reads nothing
+        writer.close()
+
+    server = await asyncio.start_server(refuse_then_stall, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    settings = make_settings(token_server, upstream, upstream={"url": f"http://127.0.0.1:{port}"})
+    size = 32 * 1024 * 1024
+    try:
+        async with Proxy(settings) as proxy:
+            await wait_ready(proxy)
+            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+            writer.write(b"PUT /big HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % size)
+
+            async def send_body() -> None:
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(size // 65536):
+                        writer.write(b"x" * 65536)
+                        await writer.drain()
+
+            sender = asyncio.create_task(send_body())
+            async with asyncio.timeout(5):
+                response = await read_response(reader)
+            await wait_for(lambda: sockets_to(port) == 0, timeout=2)
+            sender.cancel()
+            writer.transport.abort()
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
+    assert response.status == 413
 
 
 async def test_an_upstream_that_stops_taking_an_upload_is_a_504(
