@@ -832,6 +832,15 @@ MEASUREMENTS: tuple[Callable[[Bench, Samples, int], None], ...] = (
 
 
 @dataclass(frozen=True)
+class Goal:
+    """A row's target, as printed, and the test of whether it was met."""
+
+    text: str
+    met: Callable[[float | None, float | None], bool]
+    """(sparks-proxy figure, ratio) -> target reached."""
+
+
+@dataclass(frozen=True)
 class RowSpec:
     """One line of the table: what it shows, how, and what it should reach."""
 
@@ -839,50 +848,38 @@ class RowSpec:
     key: str
     digits: int
     ratio: bool = True
-    target: str = "-"
-    met: Callable[[float | None, float | None], bool] | None = None
-    """(sparks-proxy figure, ratio) -> target reached."""
+    goal: Goal | None = None
+
+
+def ratio_at_least(bound: float) -> Goal:
+    """A target on the ratio to nginx."""
+    return Goal(f">= {bound:.2f}", lambda _s, r: r is not None and r >= bound)
+
+
+def figure_at_most(bound: float, unit: str = "") -> Goal:
+    """A target on sparks-proxy's own figure: no more than ``bound``."""
+    return Goal(f"<= {bound:g}{unit}", lambda s, _r: s is not None and s <= bound)
+
+
+def figure_at_least(bound: float) -> Goal:
+    """A target on sparks-proxy's own figure: at least ``bound``."""
+    return Goal(f">= {bound:g}", lambda s, _r: s is not None and s >= bound)
 
 
 def row_specs(bench: Bench) -> list[RowSpec]:
-    """The table's rows, sized for this run."""
+    """The table's rows, sized for this run, with the issue's targets."""
     size, stream = size_text(bench.transfer), size_text(bench.stream)
     return [
-        RowSpec(
-            "small GET req/s (c=50)",
-            "small_rps",
-            0,
-            target=">= 0.25",
-            met=lambda _s, r: r is not None and r >= 0.25,
-        ),
-        RowSpec(
-            "added p50 latency c=1 (ms)",
-            "added_ms",
-            3,
-            target="<= 0.20 ms",
-            met=lambda s, _r: s is not None and s <= 0.20,
-        ),
-        RowSpec(
-            f"download {size} (MB/s)",
-            "download",
-            0,
-            target=">= 0.90",
-            met=lambda _s, r: r is not None and r >= 0.90,
-        ),
-        RowSpec(
-            f"upload {size} (MB/s)",
-            "upload",
-            0,
-            target=">= 0.90",
-            met=lambda _s, r: r is not None and r >= 0.90,
-        ),
+        RowSpec("small GET req/s (c=50)", "small_rps", 0, goal=ratio_at_least(0.25)),
+        RowSpec("added p50 latency c=1 (ms)", "added_ms", 3, goal=figure_at_most(0.20, " ms")),
+        RowSpec(f"download {size} (MB/s)", "download", 0, goal=ratio_at_least(0.90)),
+        RowSpec(f"upload {size} (MB/s)", "upload", 0, goal=ratio_at_least(0.90)),
         RowSpec(
             f"RSS growth, {stream} stream (MiB)",
             "rss_growth",
             1,
             ratio=False,
-            target="<= 4 MiB",
-            met=lambda s, _r: s is not None and s <= 4,
+            goal=figure_at_most(4, " MiB"),
         ),
         RowSpec("--workers 2 req/s (c=50, -t2)", "workers_rps", 0),
         RowSpec(
@@ -890,24 +887,16 @@ def row_specs(bench: Bench) -> list[RowSpec]:
             "workers_scaling",
             2,
             ratio=False,
-            target=">= 1.7",
-            met=lambda s, _r: s is not None and s >= 1.7,
+            goal=figure_at_least(1.7),
         ),
         RowSpec(
             f"token requests, cold burst {BURST}",
             "token_requests",
             0,
             ratio=False,
-            target="== 1",
-            met=lambda s, _r: s == 1,
+            goal=Goal("== 1", lambda s, _r: s == 1),
         ),
-        RowSpec(
-            "start to first answer (ms)",
-            "startup_ms",
-            0,
-            target="<= 400 ms",
-            met=lambda s, _r: s is not None and s <= 400,
-        ),
+        RowSpec("start to first answer (ms)", "startup_ms", 0, goal=figure_at_most(400, " ms")),
     ]
 
 
@@ -924,8 +913,8 @@ def build_rows(bench: Bench, samples: Samples) -> list[dict[str, Any]]:
                 "sparks_proxy": sparks,
                 "nginx": nginx,
                 "ratio": ratio,
-                "target": spec.target,
-                "met": spec.met(sparks, ratio) if spec.met and sparks is not None else None,
+                "target": spec.goal.text if spec.goal else "-",
+                "met": spec.goal.met(sparks, ratio) if spec.goal and sparks is not None else None,
                 "digits": spec.digits,
                 "samples": {
                     who: samples.values.get(f"{spec.key}.{who}", []) for who in ("sparks", "nginx")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
@@ -61,6 +61,32 @@ async def proxy_in_front_of(
     ):
         await wait_ready(proxy)
         yield raw, proxy
+
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclasses.dataclass
+class _Served:
+    url: str
+
+
+@asynccontextmanager
+async def proxy_before(
+    token_source: StandInTokenServer, handler: ConnectionHandler, **sections: dict[str, Any]
+) -> AsyncIterator[tuple[Proxy, int]]:
+    """An upstream that is just ``handler`` on each raw connection (for upstreams that
+    misbehave below the level of requests), and a ready proxy in front of it: (proxy, port)."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with Proxy(
+            make_settings(token_source, _Served(f"http://127.0.0.1:{port}"), **sections)
+        ) as proxy:
+            await wait_ready(proxy)
+            yield proxy, port
+    finally:
+        server.close()
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

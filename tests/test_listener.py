@@ -12,9 +12,18 @@ from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
 from .rawhttp import canned, exchange, read_response
-from .support import ProxyFactory, make_settings, proxy_in_front_of, wait_for, wait_ready
+from .support import ProxyFactory, proxy_before, proxy_in_front_of, wait_for, wait_ready
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: up\r\n\r\n"
+
+
+async def download_nobody_reads(port: int) -> asyncio.StreamWriter:
+    """Ask the proxy for 50 MB and read none of it; the writer, to abort later."""
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: p\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the answer is under way and the buffers are filling
+    return writer
 
 
 @pytest.mark.parametrize("padding", [0, 70_000], ids=["buffered", "streamed"])
@@ -81,10 +90,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(
         server={"send_timeout": 0.5}, upstream={"pool_size": 1, "pool_timeout": 5}
     ) as proxy:
         await wait_ready(proxy)
-        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: p\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.2)
+        writer = await download_nobody_reads(proxy.port)
         started = time.monotonic()
         after = await exchange(proxy.port, b"GET /after HTTP/1.1\r\nHost: p\r\n\r\n", timeout=8)
         waited = time.monotonic() - started
@@ -94,9 +100,7 @@ async def test_a_client_that_stops_reading_is_cut_off_and_frees_its_slot(
 
 
 async def test_an_early_upstream_answer_to_an_upload_ends_cleanly(
-    token_server: StandInTokenServer,
-    upstream: StandInUpstream,
-    caplog: pytest.LogCaptureFixture,
+    token_server: StandInTokenServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The upstream refuses a large upload before reading it: the client gets that answer, the
     rest of its body is read and dropped for a moment, then the connection closes."""
@@ -107,24 +111,16 @@ async def test_an_early_upstream_answer_to_an_upload_ends_cleanly(
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(refuse_at_once, "127.0.0.1", 0)
-    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    settings = make_settings(token_server, upstream, upstream={"url": url})
-    try:
-        async with Proxy(settings) as proxy:
-            await wait_ready(proxy)
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(
-                b"PUT /big HTTP/1.1\r\nHost: p\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000
-            )
-            await writer.drain()
-            async with asyncio.timeout(6):
-                response = await read_response(reader)
-                rest = await reader.read()  # to EOF: the proxy closes the connection
-            writer.close()
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with proxy_before(token_server, refuse_at_once) as (proxy, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(
+            b"PUT /big HTTP/1.1\r\nHost: p\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000
+        )
+        await writer.drain()
+        async with asyncio.timeout(6):
+            response = await read_response(reader)
+            rest = await reader.read()  # to EOF: the proxy closes the connection
+        writer.close()
     assert (response.status, response.body) == (413, b"big!")
     assert rest == b""
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -158,10 +154,7 @@ async def test_shutdown_does_not_wait_for_a_client_that_reads_nothing(
     """SIGTERM's grace is a bound: a client that takes nothing does not hold the exit."""
     async with start_proxy(server={"shutdown_grace": 0.5}) as proxy:
         await wait_ready(proxy)
-        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-        writer.write(b"GET /bytes/50000000 HTTP/1.1\r\nHost: p\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.3)
+        writer = await download_nobody_reads(proxy.port)
         started = time.monotonic()
     stopped_in = time.monotonic() - started
     writer.transport.abort()

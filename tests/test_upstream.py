@@ -12,11 +12,10 @@ import pytest
 
 from proxy import upstream as upstream_pool
 from proxy.errors import ERROR_HEADER
-from proxy.server import Proxy
-from proxy.standins import StandInTokenServer, StandInUpstream
+from proxy.standins import StandInTokenServer
 
 from .rawhttp import RawRequest, Responder, canned, exchange, read_response
-from .support import make_settings, proxy_in_front_of, wait_for, wait_ready
+from .support import proxy_before, proxy_in_front_of, wait_for
 
 GET = b"GET /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 POST = b"POST /items HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 2\r\n\r\nhi"
@@ -162,8 +161,25 @@ def sockets_to(port: int) -> int:
     return sum(1 for row in rows if row[2] == wanted and row[9] in inodes)
 
 
+async def start_upload(port: int, size: int) -> tuple[asyncio.StreamReader, asyncio.Task[None]]:
+    """Send a PUT of ``size`` bytes through the proxy in the background; (reader, sender)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"PUT /big HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def send_body() -> None:
+        try:
+            with contextlib.suppress(ConnectionError):
+                for _ in range(size // 65536):
+                    writer.write(b"x" * 65536)
+                    await writer.drain()
+        finally:
+            writer.transport.abort()
+
+    return reader, asyncio.create_task(send_body())
+
+
 async def test_an_upload_the_upstream_stops_reading_does_not_hold_a_socket(
-    token_server: StandInTokenServer, upstream: StandInUpstream
+    token_server: StandInTokenServer,
 ) -> None:
     """The upstream answers an upload early and reads no more of it: the proxy relays the
     answer and lets go of that connection at once, rather than wait for ever to send the rest."""
@@ -177,37 +193,20 @@ async def test_an_upload_the_upstream_stops_reading_does_not_hold_a_socket(
         await done.wait()  # and still reads nothing
         writer.close()
 
-    server = await asyncio.start_server(refuse_then_stall, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    settings = make_settings(token_server, upstream, upstream={"url": f"http://127.0.0.1:{port}"})
-    size = 32 * 1024 * 1024
     try:
-        async with Proxy(settings) as proxy:
-            await wait_ready(proxy)
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(b"PUT /big HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % size)
-
-            async def send_body() -> None:
-                with contextlib.suppress(ConnectionError):
-                    for _ in range(size // 65536):
-                        writer.write(b"x" * 65536)
-                        await writer.drain()
-
-            sender = asyncio.create_task(send_body())
+        async with proxy_before(token_server, refuse_then_stall) as (proxy, port):
+            reader, sender = await start_upload(proxy.port, 32 * 1024 * 1024)
             async with asyncio.timeout(5):
                 response = await read_response(reader)
             await wait_for(lambda: sockets_to(port) == 0, timeout=2)
             sender.cancel()
-            writer.transport.abort()
     finally:
         done.set()
-        server.close()
-        await server.wait_closed()
     assert response.status == 413
 
 
 async def test_an_upstream_that_stops_taking_an_upload_is_a_504(
-    token_server: StandInTokenServer, upstream: StandInUpstream
+    token_server: StandInTokenServer,
 ) -> None:
     """A stall is a stall in either direction: an upload the upstream stops reading ends in a
     504 after upstream.read_timeout, not in a request that hangs."""
@@ -220,40 +219,20 @@ async def test_an_upstream_that_stops_taking_an_upload_is_a_504(
         stalled.append(await reader.readuntil(b"\r\n\r\n"))
         await done.wait()  # never reads the body, never answers
         writer.close()
-        await writer.wait_closed()
 
-    server = await asyncio.start_server(swallow_head_then_stall, "127.0.0.1", 0)
-    upstream_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    size = 64 * 1024 * 1024  # more than loopback socket buffers hold
-    settings = make_settings(
-        token_server, upstream, upstream={"url": upstream_url, "read_timeout": 0.5}
-    )
     try:
-        async with Proxy(settings) as proxy:
-            await wait_ready(proxy)
-            reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(
-                b"PUT /upload HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: %d\r\n\r\n" % size
-            )
-
-            async def send_body() -> None:
-                block = b"x" * 65536
-                with contextlib.suppress(ConnectionError):
-                    for _ in range(size // len(block)):
-                        writer.write(block)
-                        await writer.drain()
-
-            sender = asyncio.create_task(send_body())
+        async with proxy_before(
+            token_server, swallow_head_then_stall, upstream={"read_timeout": 0.5}
+        ) as (proxy, _):
+            # More than loopback socket buffers hold.
+            reader, sender = await start_upload(proxy.port, 64 * 1024 * 1024)
             started = time.monotonic()
             async with asyncio.timeout(10):
                 response = await read_response(reader)
             waited = time.monotonic() - started
             sender.cancel()
-            writer.close()
     finally:
         done.set()
-        server.close()
-        await server.wait_closed()
     assert response.status == 504
     assert response.header(ERROR_HEADER) == ["upstream_timeout"]
     assert len(stalled) == 1
@@ -261,7 +240,7 @@ async def test_an_upstream_that_stops_taking_an_upload_is_a_504(
 
 
 async def test_a_client_that_hangs_up_frees_the_upstream_connection(
-    token_server: StandInTokenServer, upstream: StandInUpstream
+    token_server: StandInTokenServer,
 ) -> None:
     """A request abandoned while the upstream thinks closes that upstream connection: it
     cannot carry the late answer to someone else, and it does not linger open."""
@@ -273,19 +252,11 @@ async def test_a_client_that_hangs_up_frees_the_upstream_connection(
         closed.set()
         writer.close()
 
-    server = await asyncio.start_server(think_forever, "127.0.0.1", 0)
-    upstream_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    settings = make_settings(token_server, upstream, upstream={"url": upstream_url})
-    try:
-        async with Proxy(settings) as proxy:
-            await wait_ready(proxy)
-            _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
-            writer.write(GET)
-            await writer.drain()
-            await asyncio.sleep(0.2)
-            writer.close()
-            async with asyncio.timeout(5):
-                await closed.wait()
-    finally:
-        server.close()
-        await server.wait_closed()
+    async with proxy_before(token_server, think_forever) as (proxy, _):
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(GET)
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.close()
+        async with asyncio.timeout(5):
+            await closed.wait()
