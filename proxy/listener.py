@@ -172,8 +172,10 @@ class ClientConnection(BaseProtocol):
                 self._done_reading = True  # what follows would be another protocol's bytes
             if self.task is None:
                 self.task = self._loop.create_task(self._serve())
-            if len(queue) >= MAX_QUEUED and not self._buffer_paused:
-                self._pause_reading_for_buffer()  # the parser holds the rest until answered
+            # The parser stops at MAX_QUEUED requests not yet taken (one taken may not be
+            # counted out yet): from one fewer here, reading pauses and _request_done resumes it.
+            if len(queue) >= MAX_QUEUED - 1 and not self._buffer_paused:
+                self._pause_reading_for_buffer()
         elif data and self._head_timer is None and self._between_requests():
             # Part of a head: the common case (a whole head in one read) never gets here.
             self._idle_since = None
@@ -245,9 +247,9 @@ class ClientConnection(BaseProtocol):
     def _request_done(self) -> None:
         """A request left the queue and its body ended: the parser may read one more ahead."""
         self._reader.message_consumed()
-        if len(self._queue) < MAX_QUEUED:
-            self.data_received(b"")  # parse requests the parser held back, if any
-            if self._buffer_paused and len(self._queue) < MAX_QUEUED:
+        if self._buffer_paused and len(self._queue) < MAX_QUEUED - 1:
+            self.data_received(b"")  # parse requests the parser held back
+            if len(self._queue) < MAX_QUEUED - 1:
                 self._resume_reading_for_buffer()
 
     def write(self, data: bytes) -> None:

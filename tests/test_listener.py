@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -181,3 +182,19 @@ async def test_pipelined_requests_behind_a_slow_body_are_all_answered(
         writer.close()
     assert statuses == [200] * 21
     assert len(upstream.received) == 21
+
+
+async def test_many_pipelined_requests_are_all_answered_in_order(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """Sixty requests in one write: parsing pauses and resumes along the queue, and every
+    request gets its answer, in order."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"".join(b"GET /n%d HTTP/1.1\r\nHost: p\r\n\r\n" % i for i in range(60)))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answers = [await read_response(reader) for _ in range(60)]
+    finally:
+        writer.close()
+    assert [json.loads(a.body)["target"] for a in answers] == [f"/n{i}" for i in range(60)]
