@@ -225,7 +225,8 @@ class ClientConnection(BaseProtocol):
                     return
                 # The next answer waits until this one is on its way: a client that pipelines
                 # requests but reads no answers cannot make the proxy buffer them all.
-                await self.drain()
+                if self._paused:
+                    await self.drain()
             if self._done_reading:
                 self.close()  # after an upgrade request, or a parse error already answered
                 return

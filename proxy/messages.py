@@ -90,11 +90,6 @@ class Request:
         return self._message.raw_headers
 
     @property
-    def keep_alive(self) -> bool:
-        """Whether the client asked to keep the connection open after the answer."""
-        return not self._message.should_close
-
-    @property
     def content_length(self) -> int | None:
         """The declared body length, if any (the parser has checked it is a number)."""
         value = self._message.headers.get("Content-Length")
