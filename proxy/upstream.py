@@ -3,8 +3,8 @@
 A general-purpose client does per request what a proxy to a single origin can do once: resolve
 the URL, merge default headers, pick a pool by key, build a request object and a new response
 parser, and re-arm a read timer on every packet. Here the request head is one string written
-with the body in one call, each connection keeps one parser (aiohttp's compiled llhttp parser)
-for its whole life, and each exchange has one read timer that is re-armed only when it fires.
+with the body in one call, and each connection keeps one parser (aiohttp's compiled llhttp
+parser) and one read timer for its whole life; the timer is re-armed only when it fires.
 
 Every failure is a :class:`~proxy.errors.ProxyError` (502, 504) carrying the proxy's own words:
 nothing the upstream or the client sent is quoted.
