@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
+
+import aiohttp
 
 from proxy import config
 from proxy.app import TOKENS
 from proxy.config import AuthSettings, Secret, ServerSettings, Settings, UpstreamSettings
 from proxy.server import Proxy
-from proxy.standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer
+from proxy.standins import (
+    DEMO_CLIENT_ID,
+    DEMO_CLIENT_SECRET,
+    StandInTokenServer,
+    StandInUpstream,
+)
 
 from .rawhttp import RawUpstream, Responder
 
@@ -87,6 +94,26 @@ async def proxy_before(
             yield proxy, port
     finally:
         server.close()
+
+
+async def get_statuses(urls: Iterable[str]) -> list[int]:
+    """GET every URL at once (each answer read whole); their statuses, in order."""
+    async with aiohttp.ClientSession() as session:
+
+        async def one(url: str) -> int:
+            async with session.get(url) as response:
+                await response.read()
+                return response.status
+
+        return list(await asyncio.gather(*(one(url) for url in urls)))
+
+
+def assert_one_token_served(token_server: StandInTokenServer, upstream: StandInUpstream) -> None:
+    """One token request was made, and every request the upstream saw carried that token."""
+    assert len(token_server.requests) == 1
+    assert {r.header("Authorization")[0] for r in upstream.received} == {
+        f"Bearer {token_server.issued[0]}"
+    }
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:

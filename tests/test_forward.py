@@ -16,7 +16,7 @@ from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
-from .rawhttp import RawRequest, RawUpstream, canned, exchange, read_response
+from .rawhttp import RawRequest, RawUpstream, Responder, canned, exchange, read_response
 from .support import ProxyFactory, make_settings, proxy_in_front_of, wait_ready
 
 
@@ -420,35 +420,40 @@ async def test_read_timeout_is_between_bytes_not_a_transfer_cap(
     assert body == b"x" * 10
 
 
-async def test_stall_mid_body_aborts_the_client_connection(
-    token_server: StandInTokenServer, client: aiohttp.ClientSession
+async def _stall_mid_body(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 70_000)
+    await writer.drain()
+    await asyncio.sleep(5)
+
+
+async def _reset_mid_body(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 100_000)
+    await writer.drain()
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize(
+    "respond",
+    [
+        _stall_mid_body,
+        canned(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000, close=True),
+        _reset_mid_body,
+    ],
+    ids=["stall", "short", "reset"],
+)
+async def test_an_answer_cut_short_aborts_the_client_connection(
+    token_server: StandInTokenServer, client: aiohttp.ClientSession, respond: Responder
 ) -> None:
-    """Headers sent, then silence: the client sees a broken transfer, never a complete body."""
-
-    async def stall(request: RawRequest, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 70_000)
-        await writer.drain()
-        await asyncio.sleep(5)
-
-    async with (
-        proxy_in_front_of(token_server, stall, upstream={"read_timeout": 0.3}) as (_, proxy),
-        client.get(proxy.url + "/stall") as response,
+    """Headers sent, then silence, fewer bytes than promised, or a reset: the client sees a
+    broken transfer, never a complete body; and the proxy serves on."""
+    async with proxy_in_front_of(token_server, respond, upstream={"read_timeout": 0.3}) as (
+        _raw,
+        proxy,
     ):
-        assert response.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await response.read()
-
-
-async def test_short_upstream_body_aborts_the_client_connection(
-    token_server: StandInTokenServer, client: aiohttp.ClientSession
-) -> None:
-    """Content-Length promises more than the upstream sends: the client is not told it is whole."""
-    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000
-    async with proxy_in_front_of(token_server, canned(answer, close=True)) as (_raw, proxy):
-        async with client.get(proxy.url + "/short") as response:
+        async with client.get(proxy.url + "/cut") as response:
+            assert response.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await response.read()
-        # And the proxy still serves.
         async with client.get(proxy.url + "/-/healthz") as health:
             assert health.status == 200
 

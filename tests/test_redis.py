@@ -27,7 +27,7 @@ from proxy.errors import ConfigError
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 
-from .support import make_settings, wait_for
+from .support import assert_one_token_served, get_statuses, make_settings, wait_for
 from .test_cli import auth_config, cli_env, cli_process, free_port, run_cli, wait_ready
 
 
@@ -119,21 +119,11 @@ async def test_eight_replicas_cold_make_one_token_request(
         ]
         for proc, port in zip(procs, ports, strict=True):
             await wait_ready(proc, f"http://127.0.0.1:{port}")
-        async with aiohttp.ClientSession() as session:
-
-            async def one(i: int) -> int:
-                async with session.get(f"http://127.0.0.1:{ports[i % 8]}/r/{i}") as response:
-                    await response.read()
-                    return response.status
-
-            statuses = await asyncio.gather(*(one(i) for i in range(500)))
+        statuses = await get_statuses(f"http://127.0.0.1:{ports[i % 8]}/r/{i}" for i in range(500))
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
     assert statuses == [200] * 500
-    assert len(token_server.requests) == 1
-    assert {r.header("Authorization")[0] for r in upstream.received} == {
-        f"Bearer {token_server.issued[0]}"
-    }
+    assert_one_token_served(token_server, upstream)
 
 
 async def test_a_killed_lock_holder_is_taken_over(

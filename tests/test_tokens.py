@@ -23,7 +23,14 @@ from proxy.token_endpoint import CredentialIdentity, Token, _lifetime, _parse
 from proxy.token_store import FileTokenStore
 
 from .rawhttp import RawUpstream, exchange
-from .support import ProxyFactory, make_settings, wait_for, wait_ready
+from .support import (
+    ProxyFactory,
+    assert_one_token_served,
+    get_statuses,
+    make_settings,
+    wait_for,
+    wait_ready,
+)
 
 GET = b"GET /projects HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 
@@ -43,22 +50,13 @@ async def test_cold_burst_costs_exactly_one_token_request(
     start_proxy: ProxyFactory,
     token_server: StandInTokenServer,
     upstream: StandInUpstream,
-    client: aiohttp.ClientSession,
 ) -> None:
     """200 concurrent requests on a cold cache share one token request, and all succeed."""
     token_server.delay = 0.3
     async with start_proxy() as proxy:
-        responses = await asyncio.gather(
-            *(client.get(proxy.url + f"/burst/{i}") for i in range(200))
-        )
-        statuses = [r.status for r in responses]
-        for r in responses:
-            r.release()
+        statuses = await get_statuses(proxy.url + f"/burst/{i}" for i in range(200))
     assert statuses == [200] * 200
-    assert len(token_server.requests) == 1
-    assert {r.header("Authorization")[0] for r in upstream.received} == {
-        f"Bearer {token_server.issued[0]}"
-    }
+    assert_one_token_served(token_server, upstream)
 
 
 async def test_refresh_happens_before_expiry_without_making_requests_wait(

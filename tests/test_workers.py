@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 from pathlib import Path
 
-import aiohttp
-
 from proxy.standins import StandInTokenServer, StandInUpstream
 
+from .support import get_statuses
 from .test_cli import (
     api,
     auth_config,
@@ -57,29 +55,22 @@ async def test_workers_share_one_token_and_survive_a_crash(
     async with cli_process(args, tmp_path, cli_env()) as proc:
         await wait_ready(proc, url)
         await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
-        async with aiohttp.ClientSession() as session:
+        statuses = await get_statuses(f"{url}/burst/{i}" for i in range(300))
+        assert statuses == [200] * 300
+        assert len(issuer.requests) == 1
 
-            async def one(i: int) -> int:
-                async with session.get(f"{url}/burst/{i}") as response:
-                    await response.read()
-                    return response.status
-
-            statuses = await asyncio.gather(*(one(i) for i in range(300)))
-            assert statuses == [200] * 300
-            assert len(issuer.requests) == 1
-
-            victim = min(children(proc.pid))
-            os.kill(victim, signal.SIGKILL)
-            # The other worker keeps serving while the supervisor starts a replacement.
-            assert await one(1000) == 200
-            await poll(
-                lambda: _async(len(children(proc.pid)) == 2 and victim not in children(proc.pid)),
-                15,
-                "a replacement worker",
-            )
-            await wait_ready(proc, url)
-            statuses = await asyncio.gather(*(one(i) for i in range(100)))
-            assert statuses == [200] * 100
+        victim = min(children(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        # The other worker keeps serving while the supervisor starts a replacement.
+        assert await get_statuses([f"{url}/burst/1000"]) == [200]
+        await poll(
+            lambda: _async(len(children(proc.pid)) == 2 and victim not in children(proc.pid)),
+            15,
+            "a replacement worker",
+        )
+        await wait_ready(proc, url)
+        statuses = await get_statuses(f"{url}/burst/{i}" for i in range(100))
+        assert statuses == [200] * 100
         # The replacement read the shared token instead of fetching its own.
         assert len(issuer.requests) == 1
         survivors = children(proc.pid)
