@@ -17,6 +17,7 @@ from .bodies import StreamedBody, expects_continue, read_whole
 from .config import Settings
 from .errors import BadUpstreamResponse, PayloadTooLarge, ProxyError, UpstreamBusy
 from .headers import (
+    HeaderMemo,
     LocationRewriter,
     downstream_response_headers,
     passes_unchanged,
@@ -57,6 +58,7 @@ class Forwarder:
         # connect, and token requests never queue behind it.
         self._slots = asyncio.Semaphore(upstream.pool_size)
         self._location = LocationRewriter(upstream.url)
+        self._request_blocks: HeaderMemo[str] = HeaderMemo()
         self.in_flight = 0
         """Requests being forwarded now (read by the in-flight gauge at each scrape)."""
         metrics.in_flight.set_function(lambda: self.in_flight)
@@ -107,17 +109,13 @@ class Forwarder:
     ) -> float:
         """Send, retry once on 401 with a new token when the body allows, relay the answer."""
         length = request.content_length  # a streamed body of unknown length goes chunked
+        fields = self._request_block(request)
         while True:
-            fields = upstream_request_headers(
-                request.headers,
-                authorization=token.authorization,
-                client_ip=request.remote,
-                proto=request.scheme,
-            )
+            block = f"Authorization: {token.authorization}\r\n{fields}"
             sent = time.monotonic()
             try:
                 upstream = await self._pool.request(
-                    request.method, target, fields, body, length=length
+                    request.method, target, block, body, length=length
                 )
             except ProxyError:
                 if streamed is not None and streamed.failure is not None:
@@ -135,6 +133,17 @@ class Forwarder:
         finally:
             await upstream.release()
         return upstream_seconds
+
+    def _request_block(self, request: Request) -> str:
+        """The header block for the upstream (all but Authorization), worked out once per list."""
+        key = (request.raw_headers, request.remote)
+        block = self._request_blocks.get(key)
+        if block is None:
+            block = upstream_request_headers(
+                request.headers, client_ip=request.remote, proto=request.scheme
+            )
+            self._request_blocks.remember(key, request.raw_headers, block)
+        return block
 
     async def _body(self, request: Request) -> tuple[Body, bool, StreamedBody | None]:
         """The body to send upstream, whether it can be sent twice, and its stream if streamed."""
@@ -164,22 +173,22 @@ class Forwarder:
                 "the upstream sent a header or reason phrase the proxy cannot pass on unchanged"
             )
         host = request.headers.get("Host")
-        fields = downstream_response_headers(
+        block = downstream_response_headers(
             message.headers,
             location=self._location,
             proxy_origin=f"{request.scheme}://{host}" if host else None,
         )
         if "Date" not in message.headers:
-            fields.append(("Date", http_date()))  # RFC 9110 6.6.1: a recipient adds it
+            block += f"Date: {http_date()}\r\n"  # RFC 9110 6.6.1: a recipient adds it
         reply = request.reply
         length = upstream.content_length
         try:
             if length is not None and length <= SMALL_ANSWER:
                 # Read before anything is sent: a failure is still a clean 502 or 504.
                 body = await upstream.read()
-                reply.whole(message.code, message.reason, fields, body, length)
+                reply.whole(message.code, message.reason, block, body, length)
                 return
-            reply.start(message.code, message.reason, fields, length)
+            reply.start(message.code, message.reason, block, length)
             async for chunk in upstream.content.iter_any():
                 await reply.write(chunk)
             reply.end()

@@ -7,8 +7,9 @@ upstream: the proxy alone authenticates. Repeated fields (several ``Set-Cookie``
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
+import functools
+from collections.abc import Hashable, Iterable
+from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDictProxy
@@ -49,39 +50,47 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     values = headers.getall("Connection", ())
     if not values:
         return frozenset()
+    if len(values) == 1 and len(values[0]) <= 64:
+        return _listed_once(values[0])  # "keep-alive", "close": parsed once, not per message
+    return _listed(values)
+
+
+def _listed(values: Iterable[str]) -> frozenset[str]:
     return frozenset(
         name.strip().lower() for value in values for name in value.split(",") if name.strip()
     )
 
 
-def upstream_request_headers(
-    headers: CIMultiDictProxy[str],
-    *,
-    authorization: str,
-    client_ip: str | None,
-    proto: str,
-) -> list[tuple[str, str]]:
-    """The header fields to send upstream for a client request with ``headers``, in order.
+@functools.lru_cache(maxsize=32)
+def _listed_once(value: str) -> frozenset[str]:
+    return _listed((value,))
 
-    Drops hop-by-hop and framing fields and client credentials, sets the proxy's
-    ``Authorization``, and appends the client to ``X-Forwarded-For``/``-Proto``/``-Host``. The
-    pool writes the framing for the body it sends. Everything else passes in
-    order, repeats included; nothing the client did not send is added. ``Host`` is the
-    upstream's, written by the connection pool.
+
+def upstream_request_headers(
+    headers: CIMultiDictProxy[str], *, client_ip: str | None, proto: str
+) -> str:
+    """The header block (``Name: value`` lines) to send upstream for a client request.
+
+    Drops hop-by-hop and framing fields and client credentials, and appends the client to
+    ``X-Forwarded-For``/``-Proto``/``-Host``. Everything else passes in order, repeats
+    included; nothing the client did not send is added. Three fields are not here: ``Host``
+    (the upstream's, written by the connection pool with the framing for the body it sends)
+    and ``Authorization`` (the proxy's token, added per attempt by the forwarder).
     """
     listed = connection_listed(headers)
-    out = [
-        (name, value)
+    lines = [
+        f"{name}: {value}\r\n"
         for name, value in headers.items()
         if (lower := name.lower()) not in _REQUEST_DROP and lower not in listed
     ]
-    out.append(("Authorization", authorization))
-    out.append(("X-Forwarded-For", _appended(headers, "X-Forwarded-For", listed, client_ip)))
-    out.append(("X-Forwarded-Proto", _appended(headers, "X-Forwarded-Proto", listed, proto)))
+    lines.append(f"X-Forwarded-For: {_appended(headers, 'X-Forwarded-For', listed, client_ip)}\r\n")
+    lines.append(f"X-Forwarded-Proto: {_appended(headers, 'X-Forwarded-Proto', listed, proto)}\r\n")
     host = headers.get("Host")
     if host is not None:
-        out.append(("X-Forwarded-Host", _appended(headers, "X-Forwarded-Host", listed, host)))
-    return out
+        lines.append(
+            f"X-Forwarded-Host: {_appended(headers, 'X-Forwarded-Host', listed, host)}\r\n"
+        )
+    return "".join(lines)
 
 
 def _appended(
@@ -93,21 +102,52 @@ def _appended(
 
 def downstream_response_headers(
     headers: CIMultiDictProxy[str], *, location: LocationRewriter, proxy_origin: str | None
-) -> list[tuple[str, str]]:
-    """The header fields to send the client for an upstream answer with ``headers``.
+) -> str:
+    """The header block (``Name: value`` lines) to send the client for an upstream answer.
 
     Hop-by-hop and framing fields are left out: the reply writes its own framing.
     """
     listed = connection_listed(headers)
-    out = []
+    lines = []
     for name, value in headers.items():
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower in listed:
             continue
         if lower == "location":
             value = location.rewrite(value, proxy_origin)
-        out.append((name, value))
-    return out
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines)
+
+
+RawHeaders = tuple[tuple[bytes, bytes], ...]
+V = TypeVar("V")
+
+
+class HeaderMemo(Generic[V]):
+    """Results of pure functions of a header list, for the lists that come again and again.
+
+    A client (an SDK, a legacy app) sends the same fields with every request: the header rules
+    then run once per distinct list, not once per request. Bounded whatever clients send: at
+    most ENTRIES lists of at most MAX_BYTES each, forgotten all at once when full.
+    """
+
+    ENTRIES = 256
+    MAX_BYTES = 4096
+
+    def __init__(self) -> None:
+        self._results: dict[Hashable, V] = {}
+
+    def get(self, key: Hashable) -> V | None:
+        """The result remembered for ``key``, if any."""
+        return self._results.get(key)
+
+    def remember(self, key: Hashable, raw_headers: RawHeaders, result: V) -> None:
+        """Remember ``result`` for ``key``, whose header list is ``raw_headers``."""
+        if sum([len(name) + len(value) for name, value in raw_headers]) > self.MAX_BYTES:
+            return
+        if len(self._results) >= self.ENTRIES:
+            self._results.clear()
+        self._results[key] = result
 
 
 class LocationRewriter:
@@ -166,15 +206,18 @@ def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
     rather than guessed at) and hold no control character but HTAB: the upstream's parser is
     lenient about those, and a client's parser may not be.
     """
-    fields = list(raw_headers)
-    if not fields:
-        return True
-    names = b"\n".join([name for name, _ in fields])
-    if _NOT_TOKEN.search(names):  # e.g. "Content-Length " (a space before the colon)
+    names = []
+    values = []
+    for name, value in raw_headers:
+        if not name:
+            return False
+        names.append(name)
+        values.append(value)
+    # One C pass each, not one per field: deleting every allowed byte must leave nothing.
+    if b"".join(names).translate(None, _TOKEN_BYTES):  # e.g. "Content-Length " (a space)
         return False
-    values = [value for _, value in fields]
-    joined = b"".join(values)  # one scan for the common case, not one per field
-    if _CONTROL.search(joined):
+    joined = b"".join(values)
+    if len(joined.translate(None, _CONTROL_BYTES)) != len(joined):
         return False
     if joined.isascii():
         return True
@@ -186,5 +229,5 @@ def passes_unchanged(raw_headers: Iterable[tuple[bytes, bytes]]) -> bool:
     return True
 
 
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
-_NOT_TOKEN = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z\n]|^$|\n\n|^\n|\n$")
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F])

@@ -30,7 +30,7 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from .bodies import BrokenBody
 from .config import ServerSettings
 from .errors import ConfigError, json_error
-from .messages import Request
+from .messages import Request, field_block
 
 log = logging.getLogger("sparks_proxy.listener")
 
@@ -412,9 +412,8 @@ def _describe(exc: Exception, limits: ServerSettings) -> tuple[int, str, str]:
 def _canned(status: int, code: str, detail: str) -> bytes:
     """A whole error answer, as bytes, for connections with no request to answer through."""
     answer = json_error(status, code, detail)
-    fields = "".join(f"{name}: {value}\r\n" for name, value in answer.headers)
     head = (
-        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{fields}"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{field_block(answer.headers)}"
         f"Content-Length: {len(answer.body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + answer.body

@@ -24,7 +24,6 @@ from multidict import CIMultiDictProxy
 if TYPE_CHECKING:
     from .listener import ClientConnection
 
-Fields = Iterable[tuple[str, str]]
 
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -141,27 +140,27 @@ class Reply:
         """Send an answer the proxy made, with a Date and its length."""
         if answer.close:
             self.close = True
-        fields = [*answer.headers, ("Date", http_date())]
-        self.whole(answer.status, HTTPStatus(answer.status).phrase, fields, answer.body)
+        block = f"{field_block(answer.headers)}Date: {http_date()}\r\n"
+        self.whole(answer.status, HTTPStatus(answer.status).phrase, block, answer.body)
 
     def whole(
-        self, status: int, reason: str, fields: Fields, body: bytes, length: int | None = None
+        self, status: int, reason: str, block: str, body: bytes, length: int | None = None
     ) -> None:
-        """Send head and body in one write.
+        """Send head and body in one write; ``block`` holds the header fields (no framing).
 
         ``length`` is the Content-Length to announce when it is not ``len(body)``: an answer
         to HEAD announces the length a GET would have had.
         """
-        head = self._head(status, reason, fields, len(body) if length is None else length)
+        head = self._head(status, reason, block, len(body) if length is None else length)
         if self._empty or not body:
             self._connection.write(head)
             return
         self.body_bytes = len(body)
         self._connection.write(head + body)
 
-    def start(self, status: int, reason: str, fields: Fields, length: int | None) -> None:
+    def start(self, status: int, reason: str, block: str, length: int | None) -> None:
         """Send the head of an answer whose body follows in :meth:`write` calls."""
-        self._connection.write(self._head(status, reason, fields, length))
+        self._connection.write(self._head(status, reason, block, length))
 
     async def write(self, chunk: bytes) -> None:
         """Send part of the body; waits while the client is slow to take it."""
@@ -179,7 +178,7 @@ class Reply:
         if self._chunked:
             self._connection.write(b"0\r\n\r\n")
 
-    def _head(self, status: int, reason: str, fields: Fields, length: int | None) -> bytes:
+    def _head(self, status: int, reason: str, block: str, length: int | None) -> bytes:
         message = self._message
         version = message.version
         self.status = status
@@ -192,8 +191,7 @@ class Reply:
             and "Upgrade" not in message.headers
         )
         # HTTP/1.1 whatever the request said (RFC 9112 2.5), as nginx answers.
-        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
-        lines += [f"{n}: {v}\r\n" for n, v in fields]
+        lines = [f"HTTP/1.1 {status} {reason}\r\n", block]
         if status in _NO_BODY_STATUS:
             pass  # these never carry a length (RFC 9110 8.6)
         elif length is not None:
@@ -214,6 +212,11 @@ class Reply:
         lines.append("\r\n")
         # Values are what the parser decoded (UTF-8, surrogateescape): the same bytes go out.
         return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def field_block(fields: Iterable[tuple[str, str]]) -> str:
+    """``Name: value`` lines for ``fields``: a header block as replies and requests take it."""
+    return "".join([f"{name}: {value}\r\n" for name, value in fields])
 
 
 def http_date() -> str:

@@ -30,12 +30,10 @@ from .errors import (
     UnsupportedTransferCoding,
     VersionNotSupported,
 )
-from .headers import passes_unchanged
+from .headers import HeaderMemo, passes_unchanged
 from .messages import Request
 
 _SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
-SERVED_HOSTS = 64
-"""How many distinct good Host values are remembered (a bound, whatever clients send)."""
 # RFC 3986 host (reg-name, IPv4 or IP-literal) and optional port; no userinfo.
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 
@@ -51,8 +49,8 @@ class RequestPolicy:
             names.add(settings.host.lower())
         # "[::1]" and "::1" name the same host; keep both spellings.
         self._hosts = frozenset(names | {n.strip("[]") for n in names} | {f"[{n}]" for n in names})
-        # Host values already checked and served: clients send the same one every time.
-        self._served: set[str] = set()
+        # Header lists (with the version) that passed: clients send the same one every time.
+        self._passed: HeaderMemo[bool] = HeaderMemo()
 
     def check(self, request: Request) -> str:
         """The request's origin-form target; raise a ProxyError if it must not be served."""
@@ -60,6 +58,13 @@ class RequestPolicy:
             raise TunnelRefused("CONNECT is not supported: the proxy never opens a tunnel")
         if request.version not in _SUPPORTED_VERSIONS:
             raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
+        key = (request.version, request.raw_headers)
+        if not self._passed.get(key):
+            self._check_headers(request)
+            self._passed.remember(key, request.raw_headers, True)
+        return origin_form(request.raw_path)
+
+    def _check_headers(self, request: Request) -> None:
         headers = request.headers
         codings = headers.getall("Transfer-Encoding", ())
         if codings:
@@ -73,7 +78,7 @@ class RequestPolicy:
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise BadRequest("the Host header must be a single host[:port]")
-        if hosts and hosts[0] not in self._served:
+        if hosts:
             self._check_host(hosts[0])
         if headers.get("Sec-Fetch-Site") == "cross-site" or not self._allowed_origin(
             headers.get("Origin")
@@ -83,7 +88,6 @@ class RequestPolicy:
             )
         if not passes_unchanged(request.raw_headers):
             raise BadRequest("header values must be ASCII or UTF-8; the proxy would alter others")
-        return origin_form(request.raw_path)
 
     def _check_host(self, host: str) -> None:
         if not _HOST.fullmatch(host):
@@ -93,8 +97,6 @@ class RequestPolicy:
                 "this proxy does not serve that Host; use 127.0.0.1 or localhost, "
                 "or add the name to server.allowed_hosts"
             )
-        if len(self._served) < SERVED_HOSTS:
-            self._served.add(host)
 
     def allows_host(self, host: str) -> bool:
         """Whether a ``Host`` header value (``name[:port]``) names a host this proxy serves."""

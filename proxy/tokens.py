@@ -27,7 +27,7 @@ from cachetools import TLRUCache
 from .config import AuthSettings
 from .errors import TokenError, TokenUnavailable
 from .metrics import Metrics
-from .token_endpoint import CredentialIdentity, Token, TokenEndpoint
+from .token_endpoint import Token, TokenEndpoint
 from .token_store import TokenStore
 
 log = logging.getLogger("sparks_proxy.tokens")
@@ -66,10 +66,9 @@ class TokenManager:
         self._store = store
         self._metrics = metrics
         self._jitter = jitter
-        self._key = CredentialIdentity.of(auth)
-        self._cache: TLRUCache[CredentialIdentity, Token] = TLRUCache(
-            maxsize=1, ttu=_expiry, timer=time.monotonic
-        )
+        # One credential per manager, so one entry; a str key hashes once, not per lookup.
+        self._key = "token"
+        self._cache: TLRUCache[str, Token] = TLRUCache(maxsize=1, ttu=_expiry, timer=time.monotonic)
         self._inflight: asyncio.Task[Token] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()

@@ -19,7 +19,7 @@ import os
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -206,16 +206,17 @@ class UpstreamPool:
         self,
         method: str,
         target: str,
-        fields: Iterable[tuple[str, str]],
+        block: str,
         body: Body,
         *,
         length: int | None = None,
     ) -> UpstreamResponse:
         """Send one request and wait for the answer's head.
 
-        ``fields`` are sent in order after ``Host`` and must hold no framing: the pool frames
-        the body itself, ``Content-Length`` for bytes or a streamed body of known ``length``,
-        chunked for a streamed body of unknown length, nothing when there is no body.
+        ``block`` holds the header fields (``Name: value`` lines), sent after ``Host``; it must
+        hold no framing: the pool frames the body itself, ``Content-Length`` for bytes or a
+        streamed body of known ``length``, chunked for a streamed body of unknown length,
+        nothing when there is no body.
         """
         chunked = False
         if isinstance(body, bytes):
@@ -224,7 +225,7 @@ class UpstreamPool:
             length = None
         elif length is None:
             chunked = True
-        head = self._head(method, target, fields, length, chunked)
+        head = self._head(method, target, block, length, chunked)
         connection = self._take_idle()
         if connection is not None:
             try:
@@ -239,23 +240,15 @@ class UpstreamPool:
             raise BadUpstreamResponse(CLOSED) from None
 
     def _head(
-        self,
-        method: str,
-        target: str,
-        fields: Iterable[tuple[str, str]],
-        length: int | None,
-        chunked: bool,
+        self, method: str, target: str, block: str, length: int | None, chunked: bool
     ) -> bytes:
-        parts = [method, " ", self._target_prefix, target, self._line_end]
-        for name, value in fields:
-            parts += (name, ": ", value, "\r\n")
         if length is not None:
-            parts += ("Content-Length: ", str(length), "\r\n")
-        elif chunked:
-            parts.append("Transfer-Encoding: chunked\r\n")
-        parts.append("\r\n")
+            framing = f"Content-Length: {length}\r\n"
+        else:
+            framing = "Transfer-Encoding: chunked\r\n" if chunked else ""
+        head = f"{method} {self._target_prefix}{target}{self._line_end}{block}{framing}\r\n"
         # Header values were checked to be ASCII or UTF-8, as received.
-        return "".join(parts).encode("utf-8", "surrogateescape")
+        return head.encode("utf-8", "surrogateescape")
 
     def _take_idle(self) -> UpstreamConnection | None:
         idle = self._idle

@@ -96,6 +96,23 @@ async def test_host_and_forwarded_headers(proxy: Proxy, upstream: StandInUpstrea
     assert seen.header("X-Forwarded-Host") == ["app.example, proxy.test"]
 
 
+async def test_each_request_gets_its_own_headers_when_lists_repeat(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """Header blocks are remembered per list: a repeated list, then a changed one, go as sent."""
+    for accept in ("application/json", "application/json", "text/csv", "application/json"):
+        response = await exchange(proxy.port, get("/x", f"Accept: {accept}", "X-Trace: 1"))
+        assert response.status == 200
+    assert [r.header("Accept") for r in upstream.received] == [
+        ["application/json"],
+        ["application/json"],
+        ["text/csv"],
+        ["application/json"],
+    ]
+    assert all(r.header("X-Trace") == ["1"] for r in upstream.received)
+    assert all(r.header("X-Forwarded-For") == ["127.0.0.1"] for r in upstream.received)
+
+
 async def test_nothing_is_added_to_a_bare_request(token_server: StandInTokenServer) -> None:
     """No User-Agent, Accept, Accept-Encoding, Content-Type, Content-Length or chunking."""
     async with proxy_in_front_of(token_server) as (raw, proxy):

@@ -17,6 +17,7 @@ import pytest
 from proxy.app import TOKENS
 from proxy.config import ServerSettings
 from proxy.errors import ERROR_HEADER
+from proxy.headers import HeaderMemo
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
@@ -500,6 +501,20 @@ async def test_same_site_browser_requests_pass(proxy: Proxy, upstream: StandInUp
     assert len(upstream.received) == 1
 
 
+async def test_a_header_list_seen_before_is_judged_again_in_another_version(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """Checks are remembered per header list *and* version: chunked passes in HTTP/1.1 only."""
+    head = b"POST /x HTTP/%s\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    body = b"2\r\nok\r\n0\r\n\r\n"
+    first = await exchange(proxy.port, head % b"1.1" + body)
+    again = await exchange(proxy.port, head % b"1.1" + body)
+    old = await exchange(proxy.port, head % b"1.0" + body)
+    assert [first.status, again.status, old.status] == [200, 200, 400]
+    assert old.header(ERROR_HEADER) == ["bad_request"]
+    assert [r.body_size for r in upstream.received] == [2, 2]
+
+
 async def test_absolute_form_to_a_reserved_path_is_not_forwarded(
     proxy: Proxy, upstream: StandInUpstream
 ) -> None:
@@ -598,3 +613,16 @@ async def test_relayed_answers_gain_no_server_or_content_type(
     assert "server" not in names
     assert "content-type" not in names
     assert response.body == b"ok"
+
+
+def test_remembered_header_lists_stay_bounded() -> None:
+    """Whatever clients send, the memo of checked header lists holds a bounded amount."""
+    memo: HeaderMemo[int] = HeaderMemo()
+    small = ((b"Accept", b"*/*"),)
+    for key in range(HeaderMemo.ENTRIES + 3):
+        memo.remember(key, small, key)
+    remembered = [key for key in range(HeaderMemo.ENTRIES + 3) if memo.get(key) is not None]
+    assert remembered == [HeaderMemo.ENTRIES, HeaderMemo.ENTRIES + 1, HeaderMemo.ENTRIES + 2]
+    huge = ((b"Cookie", b"c" * HeaderMemo.MAX_BYTES),)
+    memo.remember("huge", huge, 1)
+    assert memo.get("huge") is None
