@@ -175,11 +175,12 @@ class Forwarder:
         host = request.headers.get("Host")
         block = downstream_response_headers(
             message.headers,
+            message.raw_headers,
             location=self._location,
             proxy_origin=f"{request.scheme}://{host}" if host else None,
         )
         if "Date" not in message.headers:
-            block += f"Date: {http_date()}\r\n"  # RFC 9110 6.6.1: a recipient adds it
+            block += b"Date: %s\r\n" % http_date().encode()  # RFC 9110 6.6.1: a recipient adds it
         reply = request.reply
         length = upstream.content_length
         try:

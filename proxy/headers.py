@@ -40,7 +40,7 @@ _REBUILT = frozenset({"host", "expect", "x-forwarded-for", "x-forwarded-proto", 
 FRAMING = frozenset({"content-length", "transfer-encoding"})
 
 _REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | _REBUILT | FRAMING
-_RESPONSE_DROP = HOP_BY_HOP | FRAMING
+_RESPONSE_DROP_RAW = frozenset(name.encode() for name in HOP_BY_HOP | FRAMING)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -101,22 +101,31 @@ def _appended(
 
 
 def downstream_response_headers(
-    headers: CIMultiDictProxy[str], *, location: LocationRewriter, proxy_origin: str | None
-) -> str:
-    """The header block (``Name: value`` lines) to send the client for an upstream answer.
+    headers: CIMultiDictProxy[str],
+    raw_headers: RawHeaders,
+    *,
+    location: LocationRewriter,
+    proxy_origin: str | None,
+) -> bytes:
+    """The header block to send the client for an upstream answer, in the bytes received.
 
-    Hop-by-hop and framing fields are left out: the reply writes its own framing.
+    ``headers`` and ``raw_headers`` are the same fields, parsed and as received. Hop-by-hop
+    and framing fields are left out: the reply writes its own framing.
     """
+    drop = _RESPONSE_DROP_RAW
     listed = connection_listed(headers)
-    lines = []
-    for name, value in headers.items():
+    if not listed <= HOP_BY_HOP:  # "keep-alive" and "close" name nothing else
+        drop = drop | {name.encode("utf-8", "surrogateescape") for name in listed}
+    parts: list[bytes] = []
+    for name, value in raw_headers:
         lower = name.lower()
-        if lower in _RESPONSE_DROP or lower in listed:
+        if lower in drop:
             continue
-        if lower == "location":
-            value = location.rewrite(value, proxy_origin)
-        lines.append(f"{name}: {value}\r\n")
-    return "".join(lines)
+        if lower == b"location":
+            rewritten = location.rewrite(value.decode("utf-8", "surrogateescape"), proxy_origin)
+            value = rewritten.encode("utf-8", "surrogateescape")
+        parts += (name, b": ", value, b"\r\n")
+    return b"".join(parts)
 
 
 RawHeaders = tuple[tuple[bytes, bytes], ...]

@@ -140,11 +140,11 @@ class Reply:
         """Send an answer the proxy made, with a Date and its length."""
         if answer.close:
             self.close = True
-        block = f"{field_block(answer.headers)}Date: {http_date()}\r\n"
+        block = f"{field_block(answer.headers)}Date: {http_date()}\r\n".encode()
         self.whole(answer.status, HTTPStatus(answer.status).phrase, block, answer.body)
 
     def whole(
-        self, status: int, reason: str, block: str, body: bytes, length: int | None = None
+        self, status: int, reason: str, block: bytes, body: bytes, length: int | None = None
     ) -> None:
         """Send head and body in one write; ``block`` holds the header fields (no framing).
 
@@ -158,7 +158,7 @@ class Reply:
         self.body_bytes = len(body)
         self._connection.write(head + body)
 
-    def start(self, status: int, reason: str, block: str, length: int | None) -> None:
+    def start(self, status: int, reason: str, block: bytes, length: int | None) -> None:
         """Send the head of an answer whose body follows in :meth:`write` calls."""
         self._connection.write(self._head(status, reason, block, length))
 
@@ -178,7 +178,7 @@ class Reply:
         if self._chunked:
             self._connection.write(b"0\r\n\r\n")
 
-    def _head(self, status: int, reason: str, block: str, length: int | None) -> bytes:
+    def _head(self, status: int, reason: str, block: bytes, length: int | None) -> bytes:
         message = self._message
         version = message.version
         self.status = status
@@ -190,28 +190,28 @@ class Reply:
             and not self._connection.closing
             and "Upgrade" not in message.headers
         )
-        # HTTP/1.1 whatever the request said (RFC 9112 2.5), as nginx answers.
-        lines = [f"HTTP/1.1 {status} {reason}\r\n", block]
+        # HTTP/1.1 whatever the request said (RFC 9112 2.5), as nginx answers. The reason was
+        # checked to be printable ASCII; the block holds the bytes the fields arrived as.
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()), block]
         if status in _NO_BODY_STATUS:
             pass  # these never carry a length (RFC 9110 8.6)
         elif length is not None:
-            lines.append(f"Content-Length: {length}\r\n")
+            lines.append(b"Content-Length: %d\r\n" % length)
         elif not self._empty:
             if version >= (1, 1):
                 self._chunked = True
-                lines.append("Transfer-Encoding: chunked\r\n")
+                lines.append(b"Transfer-Encoding: chunked\r\n")
             else:
                 keep_alive = False  # the close is what ends the body
         if keep_alive:
             if version == (1, 0):
-                lines.append("Connection: keep-alive\r\n")
+                lines.append(b"Connection: keep-alive\r\n")
         else:
             self.close = True
             if version >= (1, 1):
-                lines.append("Connection: close\r\n")
-        lines.append("\r\n")
-        # Values are what the parser decoded (UTF-8, surrogateescape): the same bytes go out.
-        return "".join(lines).encode("utf-8", "surrogateescape")
+                lines.append(b"Connection: close\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
 
 def field_block(fields: Iterable[tuple[str, str]]) -> str:
