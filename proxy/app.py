@@ -3,7 +3,7 @@
 The :class:`aiohttp.web.Application` holds the app's state under typed keys and owns the async
 resources in one cleanup context: the upstream connection pool, the token endpoint's
 ``ClientSession`` and the ``TokenManager`` are made at start-up and closed at shutdown, in
-reverse order, and only if they were made. Requests are dispatched by :func:`dispatcher`:
+reverse order, and only if they were made. Requests are dispatched by :class:`Dispatcher`:
 ``/-/`` paths to the admin routes, all others forwarded.
 """
 
@@ -22,8 +22,7 @@ from .access_log import ABORTED, AccessLog
 from .admin import Admin, Lifecycle
 from .config import Settings, read_encryption_key
 from .errors import ProxyError, error_answer, json_error
-from .forward import Forwarder
-from .listener import Handler
+from .forward import Forwarder, Started
 from .messages import Answer, Request
 from .metrics import Metrics
 from .request_checks import RequestPolicy
@@ -123,33 +122,78 @@ def token_store(settings: Settings, metrics: Metrics) -> TokenStore | None:
     return None
 
 
-def dispatcher(app: web.Application) -> Handler:
-    """The listener's request handler for a started ``app``.
+class Dispatcher:
+    """The listener's request handler for a started app.
 
     Every request is checked (:class:`~proxy.request_checks.RequestPolicy`), then answered by
     the admin routes (``/-/`` paths) or forwarded. Every answer the proxy makes itself comes
     back here as a :class:`ProxyError`; every request gets one access-log line and metrics
     sample, including those cut short (logged as 499).
-    """
-    forward = app[FORWARDER]
-    admin = app[ADMIN]
-    metrics = app[METRICS]
-    policy = RequestPolicy(app[SETTINGS].server)
-    access_log = AccessLog(metrics)
 
-    async def handle(request: Request) -> None:
-        started = time.monotonic()
+    A bodiless request that needs no waiting but for the upstream's answer is answered without
+    a task: :meth:`start` sends it, :meth:`finish` relays the answer from the connection's
+    callback, or hands over to the call when there is more to it (see :meth:`Forwarder.start`).
+    """
+
+    def __init__(self, app: web.Application) -> None:
+        self._forward = app[FORWARDER]
+        self._admin = app[ADMIN]
+        self._metrics = app[METRICS]
+        self._policy = RequestPolicy(app[SETTINGS].server)
+        self._access_log = AccessLog(self._metrics)
+
+    def start(self, request: Request) -> Started | None:
+        """Send a request upstream now if nothing needs waiting for; None: await the call."""
+        received = time.monotonic()
+        try:
+            target = self._policy.check(request)
+        except ProxyError:
+            return None  # the call checks again and answers
+        if target.startswith("/-/"):
+            return None
+        return self._forward.start(request, target, received)
+
+    def finish(self, started: Started) -> bool:
+        """Relay the answer to a started request if it is all in; False: await the call."""
+        request = started.request
+        try:
+            upstream_seconds = self._forward.finish(started)
+        except ConnectionResetError:  # the client left as the answer was due
+            self._access_log.record(request, ABORTED, started.received)
+            return True
+        except Exception as exc:
+            self._forward.abandon(started)
+            status = _failed(request, exc)
+            self._access_log.record(request, status, started.received)
+            return True
+        if upstream_seconds is None:
+            return False
+        status = request.reply.status or ABORTED
+        self._access_log.record(request, status, started.received, upstream_seconds)
+        return True
+
+    def abandon(self, started: Started) -> None:
+        """The client left before the answer to a started request: end it, log a 499."""
+        self._forward.abandon(started)
+        self._access_log.record(started.request, ABORTED, started.received)
+
+    async def __call__(self, request: Request, started: Started | None = None) -> None:
+        """Answer ``request``; with ``started``, take up the answer :meth:`start` awaited."""
+        received = time.monotonic() if started is None else started.received
         upstream_seconds: float | None = None
         status = ABORTED  # what is logged when no answer completes: a hang-up
         try:
-            target = policy.check(request)
-            if target.startswith("/-/"):
-                request.reply.send(await admin(request, target))
+            if started is not None:
+                upstream_seconds = await self._forward(request, started.target, started)
             else:
-                upstream_seconds = await forward(request, target)
+                target = self._policy.check(request)
+                if target.startswith("/-/"):
+                    request.reply.send(await self._admin(request, target))
+                else:
+                    upstream_seconds = await self._forward(request, target)
             status = request.reply.status or ABORTED
         except ProxyError as error:
-            metrics.proxy_errors.labels(error.code).inc()
+            self._metrics.proxy_errors.labels(error.code).inc()
             log.warning(
                 "%s %s -> %d %s: %s",
                 request.method,
@@ -161,18 +205,16 @@ def dispatcher(app: web.Application) -> Handler:
             _answer(request, error_answer(error))
             status = error.status
         except Exception as exc:
-            # A bug: answered 500 (or cut, if the answer had begun), logged with its traceback.
-            log.error(
-                "unexpected error while handling a request (%s)",
-                type(exc).__name__,
-                exc_info=exc,
-            )
-            _answer(request, INTERNAL_ERROR)
-            status = 500
+            status = _failed(request, exc)
         finally:
-            access_log.record(request, status, started, upstream_seconds)
+            self._access_log.record(request, status, received, upstream_seconds)
 
-    return handle
+
+def _failed(request: Request, exc: Exception) -> int:
+    """A bug: answered 500 (or cut, if the answer had begun), logged with its traceback."""
+    log.error("unexpected error while handling a request (%s)", type(exc).__name__, exc_info=exc)
+    _answer(request, INTERNAL_ERROR)
+    return 500
 
 
 def _answer(request: Request, answer: Answer) -> None:

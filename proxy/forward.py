@@ -9,9 +9,15 @@ bounded memory. Compressed bodies pass through untouched in both directions.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from aiohttp.http_parser import RawResponseMessage
 
 from .bodies import StreamedBody, expects_continue, read_whole
 from .config import Settings
@@ -27,12 +33,76 @@ from .messages import Request, http_date
 from .metrics import Metrics
 from .token_endpoint import Token
 from .tokens import TokenManager
-from .upstream import Body, UpstreamPool, UpstreamResponse
+from .upstream import Body, Sent, UpstreamPool, UpstreamResponse
 
 log = logging.getLogger("sparks_proxy.forward")
 
 SMALL_ANSWER = 64 * 1024
 """Answers with a Content-Length up to this are read whole and written with one call."""
+
+
+@dataclass(slots=True)
+class Started:
+    """A bodiless request sent upstream without a task (see :meth:`Forwarder.start`)."""
+
+    request: Request
+    target: str
+    """The upstream's target (with the upstream URL's base path)."""
+    token: Token
+    sent: Sent
+    received: float
+    """When the request was taken up (monotonic), for its duration."""
+    sent_at: float
+
+    def when_answered(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the upstream's answer (or the exchange's failure) is in."""
+
+        def answered(answer: asyncio.Future[UpstreamResponse]) -> None:
+            if not answer.cancelled():
+                answer.exception()  # seen: a failure is raised to whoever takes up the answer
+            callback()
+
+        self.sent.answer.add_done_callback(answered)
+
+
+class Slots:
+    """The upstream.pool_size exchange slots: taken at once when free, else awaited in turn."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def take_now(self) -> bool:
+        """Take a slot if one is free and nobody waits for one."""
+        if self._free and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        """Take a slot, waiting in turn for one to be given back."""
+        if self.take_now():
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:  # cancelled (a timeout, a client that left)
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a slot just as the wait ended: pass it on
+            else:
+                with contextlib.suppress(ValueError):  # give() may have dropped it already
+                    self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        """Give a slot back: to the longest waiter, else to the free ones."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
 
 
 class Forwarder:
@@ -56,19 +126,76 @@ class Forwarder:
         self._pool_timeout = upstream.pool_timeout
         # The pool's size is enforced here: a wait for a slot is then told apart from a slow
         # connect, and token requests never queue behind it.
-        self._slots = asyncio.Semaphore(upstream.pool_size)
+        self._slots = Slots(upstream.pool_size)
         self._location = LocationRewriter(upstream.url)
         self._request_blocks: HeaderMemo[str] = HeaderMemo()
         self.in_flight = 0
         """Requests being forwarded now (read by the in-flight gauge at each scrape)."""
         metrics.in_flight.set_function(lambda: self.in_flight)
 
-    async def __call__(self, request: Request, target: str) -> float:
+    def start(self, request: Request, target: str, received: float) -> Started | None:
+        """Send a bodiless request now if nothing needs waiting for; else None (use the call).
+
+        Nothing needs waiting for when a token is held, a slot is free and a pooled upstream
+        connection is idle: then no task is needed until the answer is in (see :meth:`finish`).
+        None means nothing was done.
+        """
+        if request.body_exists or request.content_length is not None:
+            return None
+        token = self._tokens.current()
+        if token is None:
+            return None
+        target = self._base_path + target
+        block = f"Authorization: {token.authorization}\r\n{self._request_block(request)}"
+        if not self._slots.take_now():
+            return None
+        sent = self._pool.send_now(request.method, target, block)
+        if sent is None:
+            self._slots.give()
+            return None
+        self.in_flight += 1
+        return Started(request, target, token, sent, received, time.monotonic())
+
+    def finish(self, started: Started) -> float | None:
+        """Relay the answer to a started request if it is all in: the upstream's seconds.
+
+        None when it needs waiting for or an error answer (a failure, a 401 to retry, a large
+        or unfinished body): the call with ``started`` then takes over from the answer.
+        """
+        upstream = started.sent.response()
+        if upstream is None or upstream.status == 401:
+            return None
+        upstream_seconds = time.monotonic() - started.sent_at
+        try:
+            if not self._relay_now(started.request, upstream):
+                return None
+        except ConnectionResetError:  # the client left; the answer was read all the same
+            self._end(started, upstream)
+            raise
+        self._end(started, upstream)
+        return upstream_seconds
+
+    def abandon(self, started: Started) -> None:
+        """The client left before the answer: the exchange ends, its connection closes."""
+        started.sent.connection.close()
+        self._end(started, None)
+
+    async def __call__(
+        self, request: Request, target: str, started: Started | None = None
+    ) -> float:
         """Forward ``request`` to ``target`` (origin-form) on the upstream and relay the answer.
 
-        Returns the upstream's time to headers; raises :class:`~proxy.errors.ProxyError` for
-        every answer the proxy makes itself.
+        With ``started``, the request went out already (:meth:`start`) and its answer is taken
+        up from there. Returns the upstream's time to headers; raises
+        :class:`~proxy.errors.ProxyError` for every answer the proxy makes itself.
         """
+        if started is not None:
+            try:
+                return await self._exchange(
+                    request, started.target, None, True, None, started.token, started
+                )
+            finally:
+                self._end(started, None)
         self.in_flight += 1
         try:
             target = self._base_path + target
@@ -79,18 +206,23 @@ class Forwarder:
                 token = await self._tokens.get()
                 return await self._exchange(request, target, body, replayable, streamed, token)
             finally:
-                self._slots.release()
+                self._slots.give()
         finally:
             self.in_flight -= 1
 
+    def _end(self, started: Started, upstream: UpstreamResponse | None) -> None:
+        if upstream is not None:
+            upstream.release_now()  # a bodiless request has no body writer to wait for
+        self._slots.give()
+        self.in_flight -= 1
+
     async def _take_slot(self) -> None:
         """Wait up to pool_timeout for one of the pool_size upstream slots."""
-        if not self._slots.locked():
-            await self._slots.acquire()  # free now: no timer needed on the common path
-            return
+        if self._slots.take_now():
+            return  # free now: no timer needed on the common path
         try:
             async with asyncio.timeout(self._pool_timeout):
-                await self._slots.acquire()
+                await self._slots.take()
         except TimeoutError:
             raise UpstreamBusy(
                 "every upstream connection stayed busy for upstream.pool_timeout; "
@@ -106,17 +238,23 @@ class Forwarder:
         replayable: bool,
         streamed: StreamedBody | None,
         token: Token,
+        started: Started | None = None,
     ) -> float:
         """Send, retry once on 401 with a new token when the body allows, relay the answer."""
         length = request.content_length  # a streamed body of unknown length goes chunked
         fields = self._request_block(request)
         while True:
-            block = f"Authorization: {token.authorization}\r\n{fields}"
-            sent = time.monotonic()
             try:
-                upstream = await self._pool.request(
-                    request.method, target, block, body, length=length
-                )
+                if started is not None:
+                    sent_at = started.sent_at
+                    upstream = await self._pool.answer(started.sent)
+                    started = None  # a retry after a 401 is sent anew
+                else:
+                    sent_at = time.monotonic()
+                    block = f"Authorization: {token.authorization}\r\n{fields}"
+                    upstream = await self._pool.request(
+                        request.method, target, block, body, length=length
+                    )
             except ProxyError:
                 if streamed is not None and streamed.failure is not None:
                     raise streamed.failure from None  # the client's body failed first
@@ -127,7 +265,7 @@ class Forwarder:
             self._metrics.upstream_401_retries.inc()
             token = await self._tokens.get()
             replayable = False  # exactly one retry
-        upstream_seconds = time.monotonic() - sent
+        upstream_seconds = time.monotonic() - sent_at
         try:
             await self._relay(request, upstream)
         finally:
@@ -163,15 +301,25 @@ class Forwarder:
         streamed = StreamedBody(request.content, self._max_body, self._body_timeout)
         return streamed.chunks(), False, streamed
 
-    async def _relay(self, request: Request, upstream: UpstreamResponse) -> None:
+    def _relay_now(self, request: Request, upstream: UpstreamResponse) -> bool:
+        """Relay a small answer that is all in, in one write; False if it is not, or is bad."""
         message = upstream.message
-        if message.code < 200:
-            # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
-            raise BadUpstreamResponse(f"the upstream answered {message.code}, not relayed")
-        if not passes_unchanged(message.raw_headers) or not _printable(message.reason):
-            raise BadUpstreamResponse(
-                "the upstream sent a header or reason phrase the proxy cannot pass on unchanged"
-            )
+        length = upstream.content_length
+        if (
+            length is None
+            or length > SMALL_ANSWER
+            or not upstream.content.is_eof()
+            or _unrelayable(message) is not None
+        ):
+            return False
+        block = self._client_block(request, message)
+        request.reply.whole(
+            message.code, message.reason, block, upstream.content.read_nowait(), length
+        )
+        return True
+
+    def _client_block(self, request: Request, message: RawResponseMessage) -> bytes:
+        """The answer's header block for the client."""
         host = request.headers.get("Host")
         block = downstream_response_headers(
             message.headers,
@@ -181,6 +329,14 @@ class Forwarder:
         )
         if "Date" not in message.headers:
             block += b"Date: %s\r\n" % http_date().encode()  # RFC 9110 6.6.1: a recipient adds it
+        return block
+
+    async def _relay(self, request: Request, upstream: UpstreamResponse) -> None:
+        message = upstream.message
+        problem = _unrelayable(message)
+        if problem is not None:
+            raise BadUpstreamResponse(problem)
+        block = self._client_block(request, message)
         reply = request.reply
         length = upstream.content_length
         try:
@@ -210,5 +366,12 @@ class Forwarder:
             raise asyncio.CancelledError from None
 
 
-def _printable(reason: str | None) -> bool:
-    return reason is None or (reason.isascii() and reason.isprintable())
+def _unrelayable(message: RawResponseMessage) -> str | None:
+    """Why an upstream answer cannot be relayed as it is, if it cannot."""
+    if message.code < 200:
+        # A 101 (or other interim answer) would switch protocols: no tunnels, ever.
+        return f"the upstream answered {message.code}, not relayed"
+    reason = message.reason
+    if not passes_unchanged(message.raw_headers) or not (reason.isascii() and reason.isprintable()):
+        return "the upstream sent a header or reason phrase the proxy cannot pass on unchanged"
+    return None

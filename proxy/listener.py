@@ -19,8 +19,9 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from http import HTTPStatus
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import http_exceptions, http_parser
 from aiohttp.base_protocol import BaseProtocol
@@ -34,7 +35,39 @@ from .messages import Request, field_block
 
 log = logging.getLogger("sparks_proxy.listener")
 
-Handler = Callable[[Request], Awaitable[None]]
+
+class Pending(Protocol):
+    """A request whose answer is awaited in a callback, not a task."""
+
+    request: Request
+
+    def when_answered(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the answer can be finished."""
+
+
+P = TypeVar("P", bound=Pending)
+
+
+class Handler(Protocol[P]):
+    """Answers requests (:class:`proxy.app.Dispatcher`).
+
+    A request is offered to :meth:`start` first: a :class:`Pending` means it is under way
+    without a task, to be completed by :meth:`finish` when answered (or, if :meth:`finish` says
+    there is more to it, by the call with it); None means nothing was done: await the call.
+    """
+
+    def start(self, request: Request) -> P | None:
+        """Begin answering without a task, if nothing needs waiting for."""
+
+    def finish(self, pending: P) -> bool:
+        """Complete a pending request; False: await the call with it."""
+
+    def abandon(self, pending: P) -> None:
+        """The client left before the answer to a pending request."""
+
+    async def __call__(self, request: Request, pending: P | None = None, /) -> None:
+        """Answer ``request`` (or take up a pending one)."""
+
 
 READ_BUFFER = 64 * 1024
 """Request body bytes buffered before reading from the client pauses."""
@@ -59,7 +92,7 @@ _PARSE_ERRORS: tuple[tuple[type[Exception], str], ...] = (
 class Listener:
     """The protocol factory for ``loop.create_server``: limits, open connections, shutdown."""
 
-    def __init__(self, handler: Handler, limits: ServerSettings) -> None:
+    def __init__(self, handler: Handler[Any], limits: ServerSettings) -> None:
         require_compiled_parser()
         self.handler = handler
         self.limits = limits
@@ -124,6 +157,8 @@ class ClientConnection(BaseProtocol):
         )
         self.task: asyncio.Task[None] | None = None
         """The task answering queued requests, while there are any."""
+        self._pending: Pending | None = None  # a request answered in callbacks, not the task
+        self._handed: Pending | None = None  # a pending request given to a task not yet run
         self._body: StreamReader | None = None  # the body of the latest parsed request
         self._remote: str | None = None
         self._done_reading = False  # after a parse error or an upgrade: no more requests
@@ -170,8 +205,8 @@ class ClientConnection(BaseProtocol):
                 self._body = body
             if upgraded:
                 self._done_reading = True  # what follows would be another protocol's bytes
-            if self.task is None:
-                self.task = self._loop.create_task(self._serve())
+            if self.task is None and self._pending is None:
+                self._serve_next()
             # The parser stops at MAX_QUEUED requests not yet taken (one taken may not be
             # counted out yet): from one fewer here, reading pauses and _request_done resumes it.
             if len(queue) >= MAX_QUEUED - 1 and not self._buffer_paused:
@@ -195,15 +230,85 @@ class ClientConnection(BaseProtocol):
             body.set_exception(ConnectionResetError("the client closed the connection"))
         if self.task is not None:
             self.task.cancel()  # the client is gone: the exchange (and its upstream) stops
+        # A task cancelled before its first step never runs: what was handed to it ends here.
+        for pending in (self._pending, self._handed):
+            if pending is not None:
+                self._listener.handler.abandon(pending)
+        self._pending = self._handed = None
         super().connection_lost(exc)
 
     # -- answering --------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        """Answer queued requests in order; then keep the connection alive, or close it."""
+    def _serve_next(self) -> None:
+        """Answer the next queued request: in callbacks if it needs no waiting, else in a task."""
+        message, body = self._queue[0]
+        if (
+            body is EMPTY_PAYLOAD  # no body to read: the request is whole
+            and not isinstance(message, Exception)
+            and not self._done_reading
+            and not self._listener.closing
+            and not self._paused
+        ):
+            request = Request(self, message, body, self._remote)
+            try:
+                pending = self._listener.handler.start(request)
+            except Exception:
+                log.exception("unexpected error starting a request; answering it in a task")
+                pending = None
+            if pending is not None:
+                self._queue.popleft()
+                self._pending = pending  # before _request_done, which may parse more requests
+                pending.when_answered(lambda: self._answered(pending))
+                self._request_done()
+                return
+        self.task = self._loop.create_task(self._serve())
+
+    def _answered(self, pending: Pending) -> None:
+        if pending is not self._pending:
+            return  # abandoned, or handed to a task (shutdown)
+        self._pending = None
+        if not self._listener.handler.finish(pending):
+            self._hand_to_task(pending)
+            return
+        if self._keep_serving(pending.request):
+            if self._queue:
+                self._serve_next()
+            else:
+                self._idle()
+
+    def _hand_to_task(self, pending: Pending) -> None:
+        """Go on answering ``pending`` in a task: its answer needs waiting for."""
+        self._handed = pending
+        self.task = self._loop.create_task(self._serve(pending))
+
+    def _keep_serving(self, request: Request) -> bool:
+        """After an answer: whether the connection serves on (else it is closing)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # cut while answering (or the client left): nothing more to serve
+        if (
+            request.reply.close
+            or self._listener.closing
+            or (self._done_reading and not self._queue)
+        ):
+            self.close()  # also after an upgrade request, or a parse error already answered
+            return False
+        return True
+
+    async def _serve(self, pending: Pending | None = None) -> None:
+        """Answer queued requests in order (from a pending one); then keep alive, or close."""
         queue = self._queue
+        self._handed = None  # taken: from here on, cancelling this task ends it
         try:
+            if pending is not None:
+                await self._listener.handler(pending.request, pending)
+                if not self._keep_serving(pending.request):
+                    return
             while queue:
+                # The next answer waits until this one is on its way: a client that pipelines
+                # requests but reads no answers cannot make the proxy buffer them all.
+                if self._paused:
+                    await self.drain()
                 message, body = queue.popleft()
                 if isinstance(message, Exception):
                     self._answer_parse_error(message)
@@ -214,22 +319,11 @@ class ClientConnection(BaseProtocol):
                     body.on_eof(self._body_ended)
                 request = Request(self, message, body, self._remote)
                 await self._listener.handler(request)
-                transport = self.transport
-                if transport is None or transport.is_closing():
-                    return  # cut while answering (or the client left): nothing more to serve
-                if request.reply.close or self._listener.closing:
-                    self.close()
+                if not self._keep_serving(request):
                     return
                 if not body.is_eof() and not await _drained(body):
                     self.close()  # the client is still sending a body nobody reads
                     return
-                # The next answer waits until this one is on its way: a client that pipelines
-                # requests but reads no answers cannot make the proxy buffer them all.
-                if self._paused:
-                    await self.drain()
-            if self._done_reading:
-                self.close()  # after an upgrade request, or a parse error already answered
-                return
         except ConnectionError:
             self.close(linger=False)  # the client went away, or stopped reading
             return
@@ -316,14 +410,21 @@ class ClientConnection(BaseProtocol):
             self._loop.call_later(self._limits.send_timeout, transport.abort)
 
     def close_if_idle(self) -> None:
-        """Close now if no request is being answered (shutdown)."""
-        if self.task is None:
+        """Close now if no request is being answered (shutdown).
+
+        A request answered in callbacks is handed to a task, which shutdown waits for.
+        """
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._hand_to_task(pending)
+        elif self.task is None:
             self.close()
 
     # -- limits -------------------------------------------------------------------------------
 
     def _between_requests(self) -> bool:
-        return self.task is None and (self._body is None or self._body.is_eof())
+        busy = self.task is not None or self._pending is not None
+        return not busy and (self._body is None or self._body.is_eof())
 
     def _idle(self) -> None:
         """Start counting idle time; one timer serves many idle spells."""
@@ -369,7 +470,7 @@ class ClientConnection(BaseProtocol):
             body.set_exception(BrokenBody())
             return
         self._queue.append((exc, EMPTY_PAYLOAD))
-        if self.task is None:
+        if self.task is None and self._pending is None:  # else answered in its turn
             self.task = self._loop.create_task(self._serve())
 
     def _answer_parse_error(self, exc: Exception) -> None:

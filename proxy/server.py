@@ -16,7 +16,7 @@ from collections.abc import Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .app import LIFECYCLE, create_app, dispatcher
+from .app import LIFECYCLE, Dispatcher, create_app
 from .config import Settings
 from .errors import ConfigError
 from .listener import Listener
@@ -58,7 +58,7 @@ class Proxy:
         await self.app.startup()
         self.app.freeze()
         server_settings = self.settings.server
-        self._listener = Listener(dispatcher(self.app), server_settings)
+        self._listener = Listener(Dispatcher(self.app), server_settings)
         loop = asyncio.get_running_loop()
         try:
             self._server = await loop.create_server(

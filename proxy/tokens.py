@@ -87,7 +87,10 @@ class TokenManager:
 
     def current(self) -> Token | None:
         """The held token while it is valid, else None. Never waits."""
-        return self._cache.get(self._key)
+        try:
+            return self._cache[self._key]  # one expiry check, not get()'s two
+        except KeyError:
+            return None
 
     async def get(self) -> Token:
         """A valid token: the held one, or the result of the (single) fetch in flight.

@@ -176,9 +176,31 @@ class UpstreamResponse:
         A request body still being sent (the upstream answered early) is stopped first, so
         nothing else reads the client's body while it is being abandoned.
         """
-        writer = self._connection.finish()
+        writer = self.release_now()
         if writer is not None:
             await asyncio.wait([writer])
+
+    def release_now(self) -> asyncio.Task[None] | None:
+        """:meth:`release` without waiting: the body writer it stopped, if any, to wait for."""
+        return self._connection.finish()
+
+
+@dataclass(slots=True)
+class Sent:
+    """A bodiless request written on a pooled connection, its answer not yet taken."""
+
+    connection: UpstreamConnection
+    answer: asyncio.Future[UpstreamResponse]
+    """Done when the answer's head has arrived, or the exchange failed."""
+    head: bytes
+    method: str
+
+    def response(self) -> UpstreamResponse | None:
+        """The answer if it arrived; None if it failed or is still due (see UpstreamPool.answer)."""
+        answer = self.answer
+        if not answer.done() or answer.cancelled() or answer.exception() is not None:
+            return None
+        return answer.result()
 
 
 class UpstreamPool:
@@ -227,15 +249,48 @@ class UpstreamPool:
             chunked = True
         head = self._head(method, target, block, length, chunked)
         connection = self._take_idle()
-        if connection is not None:
-            try:
-                return await connection.exchange(head, method, body, chunked)
-            except _StaleConnection:
-                if not (method in IDEMPOTENT and (body is None or isinstance(body, bytes))):
-                    raise BadUpstreamResponse(CLOSED) from None
+        if connection is None:
+            return await self._exchange_anew(head, method, body, chunked)
+        answer = connection.send(head, method, body, chunked)
+        return await self._answer(connection, answer, head, method, body, chunked)
+
+    def send_now(self, method: str, target: str, block: str) -> Sent | None:
+        """Send a bodiless request on an idle connection, without waiting; None if none is idle.
+
+        Its answer is then taken with :meth:`answer`, or from :meth:`Sent.response` once done.
+        """
+        connection = self._take_idle()
+        if connection is None:
+            return None
+        head = self._head(method, target, block, None, False)
+        return Sent(connection, connection.send(head, method, None, False), head, method)
+
+    async def answer(self, sent: Sent) -> UpstreamResponse:
+        """Wait for the answer to a request sent with :meth:`send_now`, as :meth:`request` does."""
+        return await self._answer(sent.connection, sent.answer, sent.head, sent.method, None, False)
+
+    async def _answer(
+        self,
+        connection: UpstreamConnection,
+        answer: asyncio.Future[UpstreamResponse],
+        head: bytes,
+        method: str,
+        body: Body,
+        chunked: bool,
+    ) -> UpstreamResponse:
+        try:
+            return await connection.wait(answer)
+        except _StaleConnection:
+            if not (method in IDEMPOTENT and (body is None or isinstance(body, bytes))):
+                raise BadUpstreamResponse(CLOSED) from None
+        return await self._exchange_anew(head, method, body, chunked)
+
+    async def _exchange_anew(
+        self, head: bytes, method: str, body: Body, chunked: bool
+    ) -> UpstreamResponse:
         connection = await self._connect()
         try:
-            return await connection.exchange(head, method, body, chunked)
+            return await connection.wait(connection.send(head, method, body, chunked))
         except _StaleConnection:
             raise BadUpstreamResponse(CLOSED) from None
 
@@ -388,14 +443,16 @@ class UpstreamConnection(BaseProtocol):
         transport = self.transport
         return transport is not None and not transport.is_closing()
 
-    async def exchange(
+    def send(
         self, head: bytes, method: str, body: Body, chunked: bool
-    ) -> UpstreamResponse:
-        """Write the request, wait for the answer's head (skipping interim 1xx answers)."""
+    ) -> asyncio.Future[UpstreamResponse]:
+        """Write the request; the future gets the answer's head (interim 1xx answers skipped).
+
+        The answer is taken with :meth:`wait`, which also cleans up after a failure.
+        """
         transport = self.transport
         if transport is None or transport.is_closing():
             raise _StaleConnection
-        reused = self._exchanges > 0
         self._exchanges += 1
         self._received = False
         if (method == "HEAD") != self._head_parser:
@@ -410,13 +467,17 @@ class UpstreamConnection(BaseProtocol):
             self._writer = self._loop.create_task(self._write_body(transport, body, chunked))
             self._writer.add_done_callback(self._body_written)
         self._start_timer()
+        return answer
+
+    async def wait(self, answer: asyncio.Future[UpstreamResponse]) -> UpstreamResponse:
+        """The answer :meth:`send` promised; raises _StaleConnection if it can be sent again."""
         try:
             return await answer
         except BaseException as exc:
             # Failed, timed out, or the client hung up (cancelled): nothing else may read an
             # answer meant for this request, so the connection goes.
             self.close()
-            stale = reused and not self._received
+            stale = self._exchanges > 1 and not self._received
             if stale and isinstance(exc, BadUpstreamResponse) and exc.detail == CLOSED:
                 raise _StaleConnection from None
             raise
@@ -572,6 +633,7 @@ class UpstreamConnection(BaseProtocol):
         further answer has arrived. Returns the request-body writer if it had to be stopped.
         """
         self._stop_timer()
+        self._answer = None
         writer, self._writer = self._writer, None
         body, self._body = self._body, None
         message, self._message = self._message, None

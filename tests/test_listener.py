@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
 
 import pytest
 
+from proxy import listener
+from proxy.app import FORWARDER
+from proxy.errors import ERROR_HEADER
+from proxy.forward import Slots
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
-from .rawhttp import canned, exchange, read_response
-from .support import ProxyFactory, proxy_before, proxy_in_front_of, wait_for, wait_ready
+from .rawhttp import RawRequest, canned, exchange, read_response
+from .support import (
+    LogCapture,
+    ProxyFactory,
+    get_statuses,
+    proxy_before,
+    proxy_in_front_of,
+    wait_for,
+    wait_ready,
+)
 
 SMUGGLED = b"GET /smuggled HTTP/1.1\r\nHost: up\r\n\r\n"
 
@@ -127,16 +140,32 @@ async def test_an_early_upstream_answer_to_an_upload_ends_cleanly(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def warm(proxy: Proxy) -> None:
+    """One request, so a pooled upstream connection is idle: the next bodiless request is
+    then answered from callbacks, without a task."""
+    assert (await exchange(proxy.port, b"GET /warm HTTP/1.1\r\nHost: p\r\n\r\n")).status == 200
+
+
+def serving_tasks() -> list[asyncio.Task[object]]:
+    """The proxy's tasks answering client connections (the tests share its event loop)."""
+    return [t for t in asyncio.all_tasks() if "ClientConnection._serve" in repr(t.get_coro())]
+
+
+@pytest.mark.parametrize("pooled", [False, True], ids=["new-connection", "pooled-no-task"])
 async def test_a_malformed_request_behind_one_being_answered_gets_its_400(
-    proxy: Proxy, upstream: StandInUpstream
+    proxy: Proxy, upstream: StandInUpstream, pooled: bool
 ) -> None:
     """A bad request that arrives while the one before it is answered is answered too, in
     order, before the connection closes."""
+    if pooled:
+        await warm(proxy)
+        upstream.received.clear()
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
         writer.write(b"GET /slow/0.3 HTTP/1.1\r\nHost: p\r\n\r\n")
         await writer.drain()
         await wait_for(lambda: bool(upstream.received), timeout=5)
+        assert bool(serving_tasks()) is not pooled
         writer.write(b"GET /two HTTP/1.1\r\nHost: p\r\nBad Header\r\n\r\n")
         await writer.drain()
         async with asyncio.timeout(5):
@@ -198,3 +227,191 @@ async def test_many_pipelined_requests_are_all_answered_in_order(
     finally:
         writer.close()
     assert [json.loads(a.body)["target"] for a in answers] == [f"/n{i}" for i in range(60)]
+
+
+async def test_a_client_that_leaves_before_a_pending_answer_frees_slot_and_connection(
+    token_server: StandInTokenServer, logs: LogCapture
+) -> None:
+    """A request answered from callbacks, abandoned while the upstream thinks: the upstream
+    connection closes, the one slot serves the next request, the access log says 499."""
+    closed = asyncio.Event()
+
+    async def stall_on_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                writer.close()  # the proxy closed this connection
+                return
+            if head.startswith(b"GET /stall "):
+                await reader.read()  # returns at EOF: when the proxy closes its side
+                closed.set()
+                writer.close()
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    async with proxy_before(
+        token_server, stall_on_request, upstream={"pool_size": 1}, log={"access": True}
+    ) as (proxy, _):
+        await warm(proxy)
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /stall HTTP/1.1\r\nHost: p\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        assert serving_tasks() == []
+        writer.close()
+        async with asyncio.timeout(5):
+            await closed.wait()
+        after = await exchange(proxy.port, b"GET /after HTTP/1.1\r\nHost: p\r\n\r\n")
+    gc.collect()  # an exception never retrieved is reported when its future is collected
+    assert after.status == 200
+    assert [line for line in logs.lines if '"GET /stall"' in line and " 499 " in line]
+    assert [line for line in logs.lines if line.startswith("ERROR")] == []
+
+
+async def test_shutdown_finishes_a_pending_answer_first(
+    start_proxy: ProxyFactory, upstream: StandInUpstream
+) -> None:
+    """SIGTERM while a request is answered from callbacks: its answer still comes, whole,
+    with ``Connection: close``."""
+    async with start_proxy() as proxy:
+        await wait_ready(proxy)
+        await warm(proxy)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"GET /slow/0.3 HTTP/1.1\r\nHost: p\r\n\r\n")
+        await writer.drain()
+        await wait_for(lambda: len(upstream.received) == 2)
+        assert serving_tasks() == []
+        stopping = asyncio.create_task(proxy.stop())
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+            await stopping
+        writer.close()
+    assert response.status == 200
+    assert json.loads(response.body)["target"] == "/slow/0.3"
+    assert response.header("Connection") == ["close"]
+
+
+async def test_a_401_to_a_pending_request_is_retried_with_a_new_token(
+    token_server: StandInTokenServer,
+) -> None:
+    """The upstream rejects the held token on a request answered from callbacks: the proxy
+    fetches a new token and sends the request again, once."""
+
+    async def reject_first_token(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        rejected = request.header("Authorization") == [f"Bearer {token_server.issued[0]}"]
+        if rejected and request.start_line.startswith("GET /reject "):
+            writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with proxy_in_front_of(token_server, reject_first_token) as (raw, proxy):
+        await warm(proxy)
+        response = await exchange(proxy.port, b"GET /reject HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert (response.status, response.body) == (200, b"ok")
+    assert [r.start_line for r in raw.requests] == [
+        "GET /warm HTTP/1.1",
+        "GET /reject HTTP/1.1",
+        "GET /reject HTTP/1.1",
+    ]
+    assert raw.requests[-1].header("Authorization") == [f"Bearer {token_server.issued[1]}"]
+
+
+async def test_a_pending_request_the_upstream_never_answers_is_a_504(
+    token_server: StandInTokenServer,
+) -> None:
+    """upstream.read_timeout holds for requests answered from callbacks too."""
+
+    async def never_answer_stall(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        if request.start_line.startswith("GET /stall "):
+            await asyncio.sleep(30)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with proxy_in_front_of(
+        token_server, never_answer_stall, upstream={"read_timeout": 0.3}
+    ) as (_raw, proxy):
+        await warm(proxy)
+        response = await exchange(proxy.port, b"GET /stall HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert response.status == 504
+    assert response.header(ERROR_HEADER) == ["upstream_timeout"]
+
+
+async def test_pipelined_requests_answered_with_and_without_tasks_stay_in_order(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """Sixty pipelined requests, slow and quick in turn, on a warm pool: reading pauses and
+    resumes while answers alternate between callbacks and tasks; each is answered once, in
+    order."""
+    await asyncio.gather(*(warm(proxy) for _ in range(2)))
+    targets = [f"/slow/0.02?n={i}" if i % 2 == 0 else f"/n{i}" for i in range(60)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        writer.write(b"".join(b"GET %s HTTP/1.1\r\nHost: p\r\n\r\n" % t.encode() for t in targets))
+        await writer.drain()
+        async with asyncio.timeout(10):
+            answers = [await read_response(reader) for _ in targets]
+    finally:
+        writer.close()
+    assert [json.loads(a.body)["target"] for a in answers] == targets
+
+
+async def test_a_refused_upload_is_closed_at_once(start_proxy: ProxyFactory) -> None:
+    """A 413 before the body is read closes the connection right after the answer: an unread
+    body is not waited for when the connection closes anyway."""
+    async with start_proxy(server={"max_body_size": 10}) as proxy:
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: p\r\nContent-Length: 1000\r\n\r\n")
+        await writer.drain()
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+            rest = await reader.read()  # to EOF
+        closed_in = time.monotonic() - started
+        writer.close()
+    assert (response.status, rest) == (413, b"")
+    assert closed_in < 1  # LINGER (2 s) is for clients still sending, not for this one
+
+
+async def test_a_client_gone_before_the_task_taking_up_its_answer_runs(
+    proxy: Proxy, upstream: StandInUpstream, logs: LogCapture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The answer needs a task (over 64 KiB) and the client's connection is lost before that
+    task's first step (so it never runs): the slot, the in-flight count and the access line
+    are settled all the same."""
+    forwarder = proxy.app[FORWARDER]
+    handed_over = listener.ClientConnection._hand_to_task
+
+    def then_lost(self: listener.ClientConnection, pending: listener.Pending) -> None:
+        handed_over(self, pending)
+        self.connection_lost(None)  # as if the client's reset was processed first
+        self.abort()
+
+    await warm(proxy)
+    monkeypatch.setattr(listener.ClientConnection, "_hand_to_task", then_lost)
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET /bytes/100000 HTTP/1.1\r\nHost: p\r\n\r\n")
+    await writer.drain()
+    await wait_for(lambda: any(" 499 " in line for line in logs.lines))
+    writer.close()
+    monkeypatch.undo()
+    assert forwarder.in_flight == 0
+    statuses = await get_statuses([f"{proxy.url}/n{i}" for i in range(100)])  # pool_size 100
+    assert statuses == [200] * 100
+
+
+async def test_a_slot_given_back_as_its_waiter_gives_up_goes_to_the_next() -> None:
+    """A wait for a slot cancelled (timeout, hang-up) just as a slot comes back: the
+    cancellation stands and the slot stays free."""
+    slots = Slots(1)
+    assert slots.take_now()
+    waiting = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    slots.give()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert slots.take_now()
+    assert not slots.take_now()
