@@ -118,7 +118,9 @@ async def drive(requests: int) -> tuple[float, float]:
             def answer_arrived(data: bytes) -> None:
                 nonlocal answered
                 answered += 1
-                if answered == requests:
+                if not data.startswith(b"HTTP/1.1 200 "):
+                    done.set_exception(RuntimeError(f"answer {answered}: {data[:60]!r}"))
+                elif answered == requests:
                     done.set_result(None)
                 else:
                     loop.call_soon(client.data_received, REQUEST)

@@ -1051,6 +1051,9 @@ def byte_compile(sparks_cmd: str) -> None:
     compile every module again: the start-up row would time the compiler, not the proxy.
     """
     python = Path(sparks_cmd).with_name("python")
+    if not python.exists():
+        say(f"note: not byte-compiling: no python beside {sparks_cmd}")
+        return
     script = (
         "import compileall, os, proxy;"
         " compileall.compile_dir(os.path.dirname(proxy.__file__), quiet=1)"

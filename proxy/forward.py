@@ -106,7 +106,7 @@ class Slots:
 
 
 class Forwarder:
-    """Forwards requests to the configured upstream; an aiohttp handler."""
+    """Forwards requests to the configured upstream and relays the answers."""
 
     def __init__(
         self,
@@ -274,7 +274,7 @@ class Forwarder:
 
     def _request_block(self, request: Request) -> str:
         """The header block for the upstream (all but Authorization), worked out once per list."""
-        key = (request.raw_headers, request.remote)
+        key = (request.raw_headers, request.remote, request.scheme)
         block = self._request_blocks.get(key)
         if block is None:
             block = upstream_request_headers(

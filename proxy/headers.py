@@ -1,8 +1,9 @@
 """Header rules for a transparent, credential-holding proxy (RFC 9110 7.6.1, RFC 9112).
 
-Pure functions, no I/O. Hop-by-hop fields (the fixed list plus whatever ``Connection`` names)
-never cross the proxy in either direction. The client's own credentials never reach the
-upstream: the proxy alone authenticates. Repeated fields (several ``Set-Cookie``) are kept.
+Pure functions, no I/O, and a bounded memo of their results. Hop-by-hop fields (the fixed
+list plus whatever ``Connection`` names) never cross the proxy in either direction. The
+client's own credentials never reach the upstream: the proxy alone authenticates. Repeated
+fields (several ``Set-Cookie``) are kept.
 """
 
 from __future__ import annotations
@@ -73,9 +74,9 @@ def upstream_request_headers(
 
     Drops hop-by-hop and framing fields and client credentials, and appends the client to
     ``X-Forwarded-For``/``-Proto``/``-Host``. Everything else passes in order, repeats
-    included; nothing the client did not send is added. Three fields are not here: ``Host``
-    (the upstream's, written by the connection pool with the framing for the body it sends)
-    and ``Authorization`` (the proxy's token, added per attempt by the forwarder).
+    included; nothing the client did not send is added. Not here: ``Host`` (the upstream's,
+    written by the connection pool with the framing for the body it sends) and
+    ``Authorization`` (the proxy's token, added per attempt by the forwarder).
     """
     listed = connection_listed(headers)
     lines = [

@@ -156,7 +156,8 @@ class ClientConnection(BaseProtocol):
             collections.deque()
         )
         self.task: asyncio.Task[None] | None = None
-        """The task answering queued requests, while there are any."""
+        """The task answering queued requests, while there are any (a request answered in
+        callbacks has none: see ``_pending``)."""
         self._pending: Pending | None = None  # a request answered in callbacks, not the task
         self._handed: Pending | None = None  # a pending request given to a task not yet run
         self._body: StreamReader | None = None  # the body of the latest parsed request

@@ -97,10 +97,8 @@ class TokenManager:
 
         Raises :class:`TokenUnavailable` (503) with a Retry-After when none can be had now.
         """
-        try:
-            return self._cache[self._key]  # one expiry check, not get()'s two
-        except KeyError:
-            return await self._fetch_shared()
+        token = self.current()
+        return token if token is not None else await self._fetch_shared()
 
     def invalidate(self, token: Token) -> bool:
         """Drop ``token`` after the upstream rejected it; True if a new one should be fetched.

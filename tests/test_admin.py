@@ -85,6 +85,12 @@ async def test_metrics_count_requests_and_tokens_without_secrets(
     assert 'sparks_proxy_requests_total{code="200",method="GET"} 2.0' in text
     assert 'sparks_proxy_requests_total{code="404",method="GET"} 1.0' in text
     assert 'sparks_proxy_token_requests_total{result="ok"} 1.0' in text
+    # Durations: every bucket as prometheus-client spells it, cumulative up to +Inf.
+    buckets = [line for line in text.splitlines() if "request_duration_seconds_bucket" in line]
+    assert [line.split('"')[1] for line in buckets][-3:] == ["10.0", "30.0", "+Inf"]
+    assert buckets[-1].endswith(" 3.0")
+    assert "sparks_proxy_request_duration_seconds_count 3.0" in text
+    assert "sparks_proxy_request_duration_seconds_sum " in text
     expiry = next(
         line for line in text.splitlines() if line.startswith("sparks_proxy_token_expiry_seconds")
     )

@@ -113,6 +113,28 @@ async def test_each_request_gets_its_own_headers_when_lists_repeat(
     assert all(r.header("X-Forwarded-For") == ["127.0.0.1"] for r in upstream.received)
 
 
+async def test_the_same_header_list_from_two_clients_names_each_client(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """Header blocks are remembered per list and client: X-Forwarded-For is each one's own."""
+    request = get("/x", "Accept: application/json")
+    for address in ("127.0.0.1", "127.0.0.2", "127.0.0.1"):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.port, local_addr=(address, 0)
+        )
+        try:
+            writer.write(request)
+            async with asyncio.timeout(5):
+                assert (await read_response(reader)).status == 200
+        finally:
+            writer.close()
+    assert [r.header("X-Forwarded-For") for r in upstream.received] == [
+        ["127.0.0.1"],
+        ["127.0.0.2"],
+        ["127.0.0.1"],
+    ]
+
+
 async def test_nothing_is_added_to_a_bare_request(token_server: StandInTokenServer) -> None:
     """No User-Agent, Accept, Accept-Encoding, Content-Type, Content-Length or chunking."""
     async with proxy_in_front_of(token_server) as (raw, proxy):
