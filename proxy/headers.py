@@ -79,19 +79,22 @@ def upstream_request_headers(
     ``Authorization`` (the proxy's token, added per attempt by the forwarder).
     """
     listed = connection_listed(headers)
-    lines = [
-        f"{name}: {value}\r\n"
+    fields = [
+        (name, value)
         for name, value in headers.items()
         if (lower := name.lower()) not in _REQUEST_DROP and lower not in listed
     ]
-    lines.append(f"X-Forwarded-For: {_appended(headers, 'X-Forwarded-For', listed, client_ip)}\r\n")
-    lines.append(f"X-Forwarded-Proto: {_appended(headers, 'X-Forwarded-Proto', listed, proto)}\r\n")
+    fields.append(("X-Forwarded-For", _appended(headers, "X-Forwarded-For", listed, client_ip)))
+    fields.append(("X-Forwarded-Proto", _appended(headers, "X-Forwarded-Proto", listed, proto)))
     host = headers.get("Host")
     if host is not None:
-        lines.append(
-            f"X-Forwarded-Host: {_appended(headers, 'X-Forwarded-Host', listed, host)}\r\n"
-        )
-    return "".join(lines)
+        fields.append(("X-Forwarded-Host", _appended(headers, "X-Forwarded-Host", listed, host)))
+    return field_block(fields)
+
+
+def field_block(fields: Iterable[tuple[str, str]]) -> str:
+    """``Name: value`` lines for ``fields``: a header block as requests and replies take it."""
+    return "".join([f"{name}: {value}\r\n" for name, value in fields])
 
 
 def _appended(

@@ -31,7 +31,8 @@ from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from .bodies import BrokenBody
 from .config import ServerSettings
 from .errors import ConfigError, json_error
-from .messages import Request, field_block
+from .headers import field_block
+from .messages import Request
 
 log = logging.getLogger("sparks_proxy.listener")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
+
+from .headers import field_block
 
 if TYPE_CHECKING:
     from .listener import ClientConnection
@@ -212,11 +213,6 @@ class Reply:
                 lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
-
-
-def field_block(fields: Iterable[tuple[str, str]]) -> str:
-    """``Name: value`` lines for ``fields``: a header block as replies and requests take it."""
-    return "".join([f"{name}: {value}\r\n" for name, value in fields])
 
 
 def http_date() -> str:
