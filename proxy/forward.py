@@ -170,15 +170,15 @@ class Forwarder:
             if not self._relay_now(started.request, upstream):
                 return None
         except ConnectionResetError:  # the client left; the answer was read all the same
-            self._end(started, upstream)
+            self._end(upstream)
             raise
-        self._end(started, upstream)
+        self._end(upstream)
         return upstream_seconds
 
     def abandon(self, started: Started) -> None:
         """The client left before the answer: the exchange ends, its connection closes."""
         started.sent.connection.close()
-        self._end(started, None)
+        self._end(None)
 
     async def __call__(
         self, request: Request, target: str, started: Started | None = None
@@ -195,7 +195,7 @@ class Forwarder:
                     request, started.target, None, True, None, started.token, started
                 )
             finally:
-                self._end(started, None)
+                self._end(None)
         self.in_flight += 1
         try:
             target = self._base_path + target
@@ -210,7 +210,8 @@ class Forwarder:
         finally:
             self.in_flight -= 1
 
-    def _end(self, started: Started, upstream: UpstreamResponse | None) -> None:
+    def _end(self, upstream: UpstreamResponse | None) -> None:
+        """A started request is over: its connection back to the pool (if given), its slot."""
         if upstream is not None:
             upstream.release_now()  # a bodiless request has no body writer to wait for
         self._slots.give()
