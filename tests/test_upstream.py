@@ -118,6 +118,61 @@ async def test_an_upstream_that_talks_out_of_turn_is_not_reused(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def in_pieces(answer: bytes, cuts: list[int]) -> Responder:
+    """A responder that writes ``answer`` in pieces ending at ``cuts``, a pause between each."""
+
+    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        start = 0
+        for end in [*cuts, len(answer)]:
+            writer.write(answer[start:end])
+            await writer.drain()
+            await asyncio.sleep(0.02)  # each piece its own read on the proxy's side
+            start = end
+
+    return respond
+
+
+async def test_a_large_body_in_pieces_then_the_next_answer(
+    token_server: StandInTokenServer,
+) -> None:
+    """A body of known length that arrives over many reads, more than the proxy buffers at
+    once, comes through byte for byte; the next answer on that connection is read right."""
+    body = os.urandom(1024) * 1024  # 1 MiB: reading pauses and resumes along the way
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    cuts = [10, len(head) + 300_000, len(head) + 300_001, len(head) + 700_000]
+    answers = [in_pieces(head + body, cuts), canned(OK)]
+
+    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        await answers.pop(0)(request, writer)
+
+    async with proxy_in_front_of(token_server, respond) as (raw, proxy):
+        big = await exchange(proxy.port, GET)
+        small = await exchange(proxy.port, GET)
+    assert (big.status, big.header("Content-Length")) == (200, [str(len(body))])
+    assert big.body == body
+    assert (small.status, small.body) == (200, b"ok")
+    assert raw.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "connections"),
+    [(b"", 1), (b"HTTP/1.1 204 Sneaky\r\n\r\n", 2), (b"HTTP/1.1 200 OK\r\n", 2)],
+    ids=["clean", "whole", "begun"],
+)
+async def test_bytes_after_a_body_that_came_in_pieces(
+    token_server: StandInTokenServer, extra: bytes, connections: int
+) -> None:
+    """The end of a body read in pieces is where the answer ends: what follows it is an
+    upstream out of step (that connection is not used again), never part of the body."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789" + extra
+    async with proxy_in_front_of(token_server, in_pieces(answer, [43, 47])) as (raw, proxy):
+        first = await exchange(proxy.port, GET)
+        second = await exchange(proxy.port, GET)
+    assert (first.status, first.body) == (200, b"0123456789")
+    assert (second.status, second.body) == (200, b"0123456789")
+    assert raw.connections == connections
+
+
 async def test_a_connection_idle_too_long_is_not_used_again(
     token_server: StandInTokenServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
