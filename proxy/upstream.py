@@ -590,9 +590,8 @@ class UpstreamConnection(BaseProtocol):
             else:
                 self._body = payload
                 payload.on_eof(self._body_done)
-                length = _content_length(message)
-                if length and not message.chunked and not payload.is_eof():
-                    self._body_length = length
+                if not payload.is_eof() and not message.chunked:
+                    self._body_length = _content_length(message) or 0
             answer = self._answer
             if answer is not None and not answer.done():
                 answer.set_result(UpstreamResponse(self, message, content))
