@@ -55,24 +55,57 @@ class StreamedBody:
         self._limit = limit
         self._read_timeout = read_timeout
         self.failure: ProxyError | None = None
+        self._loop = asyncio.get_running_loop()
+        self._waiting_since: float | None = None  # when the read now waiting began
+        self._timer: asyncio.TimerHandle | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive; ``limit`` 0 means no size limit."""
+        content = self._content
         size = 0
-        while True:
-            try:
-                async with asyncio.timeout(self._read_timeout):
-                    chunk = await self._content.readany()
-            except TimeoutError:
-                self.failure = RequestTimeout(BODY_TIMEOUT)
-                raise self.failure from None
-            except (BrokenBody, ConnectionError):
-                self.failure = BadRequest(TRUNCATED)
-                raise self.failure from None
-            if not chunk:
-                return
-            size += len(chunk)
-            if self._limit and size > self._limit:
-                self.failure = PayloadTooLarge(f"the request body is over {self._limit} bytes")
-                raise self.failure
-            yield chunk
+        try:
+            while True:
+                self._read_begins()
+                try:
+                    chunk = await content.readany()
+                except _Stalled:
+                    self.failure = RequestTimeout(BODY_TIMEOUT)
+                    raise self.failure from None
+                except (BrokenBody, ConnectionError):
+                    self.failure = BadRequest(TRUNCATED)
+                    raise self.failure from None
+                finally:
+                    self._waiting_since = None
+                if not chunk:
+                    return
+                size += len(chunk)
+                if self._limit and size > self._limit:
+                    self.failure = PayloadTooLarge(f"the request body is over {self._limit} bytes")
+                    raise self.failure
+                yield chunk
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    # One timer for the whole body, pushed back only when it fires: an ``asyncio.timeout``
+    # around each read made and cancelled a timer per chunk (8% of the CPU of an upload).
+
+    def _read_begins(self) -> None:
+        self._waiting_since = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self._read_timeout, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._waiting_since is None:
+            return  # not reading now (the upstream is taking a chunk): armed at the next read
+        due = self._waiting_since + self._read_timeout
+        if due > self._loop.time():
+            self._timer = self._loop.call_at(due, self._timer_fired)
+        else:
+            self._content.set_exception(_Stalled())  # the waiting read raises it
+
+
+class _Stalled(BrokenBody):
+    """No body bytes within ``server.body_timeout`` (broken off, wherever else it is read)."""

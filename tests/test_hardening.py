@@ -8,6 +8,7 @@ rejects on its own is tested too, so an upgrade that loosens it is caught.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 
@@ -413,6 +414,29 @@ async def test_stalled_upload_is_cut_off_with_408(
                 proxy.port, POST + b"Content-Length: %d\r\n\r\nabc" % length
             )
             assert answer.startswith(b"HTTP/1.1 408"), answer[:40]
+
+
+@pytest.mark.parametrize("length", [40_000, 400_000], ids=["buffered", "streamed"])
+async def test_a_body_that_keeps_coming_is_not_cut_off(
+    start_proxy: ProxyFactory, upstream: StandInUpstream, length: int
+) -> None:
+    """body_timeout bounds each wait for the next bytes, not the whole body: one that trickles
+    in, every piece well within it, arrives whole though it takes several body_timeouts."""
+    body = os.urandom(length)
+    async with start_proxy(server={"body_timeout": 0.3}) as proxy:
+        await wait_ready(proxy)
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(POST + b"Content-Length: %d\r\n\r\n" % length)
+        piece = length // 8
+        for start in range(0, length, piece):
+            await asyncio.sleep(0.15)
+            writer.write(body[start : start + piece])
+            await writer.drain()
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+        writer.close()
+    assert response.status == 200
+    assert upstream.received[-1].body_sha256 == hashlib.sha256(body).hexdigest()
 
 
 async def _open_fds() -> int:
