@@ -797,7 +797,11 @@ def measure_cold_burst(bench: Bench, samples: Samples, run: int) -> None:
 
 
 def measure_workers(bench: Bench, samples: Samples, run: int) -> None:
-    """Row 6, when ``serve --workers`` exists: 2 workers vs 1, unpinned, wrk -t2."""
+    """Row 6, when ``serve --workers`` exists: 2 workers vs 1, unpinned, wrk -t2.
+
+    nginx's own 2-worker figure over its 1-worker one, in the same conditions, shows how much
+    scaling this machine can show at all.
+    """
     if not bench.has_workers:
         return
     duration = bench.args.duration
@@ -805,6 +809,7 @@ def measure_workers(bench: Bench, samples: Samples, run: int) -> None:
         "sparks": lambda: bench.start_sparks(cpus=None, extra=["--workers", "2"]),
         "sparks1": lambda: bench.start_sparks(cpus=None),
         "nginx": lambda: bench.start_peer(workers=2, cpus=None),
+        "nginx1": lambda: bench.start_peer(workers=1, cpus=None),
     }
     for name, start in contenders.items():
         server = start()
@@ -814,8 +819,11 @@ def measure_workers(bench: Bench, samples: Samples, run: int) -> None:
             stop_process(server.proc)
         samples.add(f"workers_rps.{name}", result.rps)
         say(f"  unpinned -t2    {name:7} {result.rps:10,.0f} req/s")
-    two, one = samples.values["workers_rps.sparks"][-1], samples.values["workers_rps.sparks1"][-1]
-    samples.add("workers_scaling.sparks", two / one)
+    rps = samples.values
+    for who in ("sparks", "nginx"):
+        samples.add(
+            f"workers_scaling.{who}", rps[f"workers_rps.{who}"][-1] / rps[f"workers_rps.{who}1"][-1]
+        )
 
 
 MEASUREMENTS: tuple[Callable[[Bench, Samples, int], None], ...] = (
@@ -977,10 +985,10 @@ def context_notes(bench: Bench, samples: Samples) -> list[str]:
             f"peak RSS after the stream: sparks-proxy {peaks[0]:.1f} MiB, "
             f"nginx worker {peaks[1]:.1f} MiB"
         )
-    one = samples.median("workers_rps.sparks1")
-    two = samples.median("workers_rps.sparks")
-    if one and two:
-        notes.append(f"sparks-proxy --workers 2 vs 1 worker (unpinned): x{two / one:.2f}")
+    for who, name in (("sparks", "sparks-proxy"), ("nginx", "nginx")):
+        one, two = samples.median(f"workers_rps.{who}1"), samples.median(f"workers_rps.{who}")
+        if one and two:
+            notes.append(f"{name}, unpinned, -t2: 2 workers {two:,.0f} req/s, 1 worker {one:,.0f}")
     notes.extend(spread_notes(bench, samples))
     before = bench.busy_before
     other = " (other work on the machine: expect noisier figures)" if before > BUSY_BEFORE else ""
