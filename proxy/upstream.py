@@ -579,6 +579,12 @@ class UpstreamConnection(BaseProtocol):
         for message, payload in messages:
             code = message.code
             if 100 <= code < 200 and code != 101:
+                if payload is not EMPTY_PAYLOAD and (payload.total_bytes or not payload.is_eof()):
+                    # An interim answer ends with its head (RFC 9110 15.2). One the parser
+                    # gives a body (104-199 with a length) is framed two ways, and its body
+                    # would be read by no one: past 128 KiB, reading would pause for good.
+                    self._fail(BadUpstreamResponse(MALFORMED))
+                    return
                 continue  # interim answers (100, 103) are not relayed
             if self._message is not None:
                 self.close()  # a second answer to one request: the upstream is out of step
@@ -605,7 +611,8 @@ class UpstreamConnection(BaseProtocol):
 
         The parser would only count them, copying each chunk: about a tenth of the proxy's CPU
         on a large download. The reader's ``total_bytes`` counts what it has had, from the
-        parser or from here, so it says how much is still due. At the body's end the parser,
+        parser or from here, so it says how much is still due: the bytes as sent, since the
+        parser never decompresses (``auto_decompress=False``). At the body's end the parser,
         left mid-body, is replaced; bytes after the body go to the new one (a second answer:
         the connection closes).
         """
@@ -666,6 +673,7 @@ class UpstreamConnection(BaseProtocol):
         """
         self._stop_timer()
         self._answer = None
+        self._body_length = 0  # a body left unfinished: the connection closes below
         writer, self._writer = self._writer, None
         body, self._body = self._body, None
         message, self._message = self._message, None

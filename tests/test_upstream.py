@@ -14,7 +14,7 @@ from proxy import upstream as upstream_pool
 from proxy.errors import ERROR_HEADER
 from proxy.standins import StandInTokenServer
 
-from .rawhttp import RawRequest, Responder, canned, exchange, read_response
+from .rawhttp import RawRequest, RawResponse, Responder, canned, exchange, read_response
 from .support import proxy_before, proxy_in_front_of, wait_for
 
 GET = b"GET /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
@@ -132,45 +132,171 @@ def in_pieces(answer: bytes, cuts: list[int]) -> Responder:
     return respond
 
 
+def in_turn(*responders: Responder) -> Responder:
+    """A responder that answers the n-th request with the n-th of ``responders``."""
+    queue = list(responders)
+
+    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        await queue.pop(0)(request, writer)
+
+    return respond
+
+
+@pytest.fixture
+def bypassed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(bytes read, body bytes still due) for every read that went around the answer parser:
+    so a test knows its pieces took that path rather than arriving together."""
+    reads: list[tuple[int, int]] = []
+    pass_body = upstream_pool.UpstreamConnection._pass_body
+
+    def spy(connection: upstream_pool.UpstreamConnection, data: bytes) -> None:
+        body = connection._body
+        assert body is not None
+        reads.append((len(data), connection._body_length - body.total_bytes))
+        pass_body(connection, data)
+
+    monkeypatch.setattr(upstream_pool.UpstreamConnection, "_pass_body", spy)
+    return reads
+
+
+async def two_gets(port: int) -> tuple[RawResponse, RawResponse]:
+    """Two GETs one after the other on one client connection: a byte too many in the first
+    answer would be read as the start of the second."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        answers = []
+        for _ in range(2):
+            writer.write(GET)
+            async with asyncio.timeout(5):
+                answers.append(await read_response(reader))
+        return answers[0], answers[1]
+    finally:
+        writer.close()
+
+
 async def test_a_large_body_in_pieces_then_the_next_answer(
-    token_server: StandInTokenServer,
+    token_server: StandInTokenServer, bypassed: list[tuple[int, int]]
 ) -> None:
     """A body of known length that arrives over many reads, more than the proxy buffers at
     once, comes through byte for byte; the next answer on that connection is read right."""
     body = os.urandom(1024) * 1024  # 1 MiB: reading pauses and resumes along the way
     head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
     cuts = [10, len(head) + 300_000, len(head) + 300_001, len(head) + 700_000]
-    answers = [in_pieces(head + body, cuts), canned(OK)]
-
-    async def respond(request: RawRequest, writer: asyncio.StreamWriter) -> None:
-        await answers.pop(0)(request, writer)
-
+    respond = in_turn(in_pieces(head + body, cuts), canned(OK))
     async with proxy_in_front_of(token_server, respond) as (raw, proxy):
-        big = await exchange(proxy.port, GET)
-        small = await exchange(proxy.port, GET)
+        big, small = await two_gets(proxy.port)
     assert (big.status, big.header("Content-Length")) == (200, [str(len(body))])
     assert big.body == body
     assert (small.status, small.body) == (200, b"ok")
     assert raw.connections == 1
+    assert len(bypassed) >= 3
+    assert bypassed[-1][0] == bypassed[-1][1]  # the last read ends the body exactly
 
 
 @pytest.mark.parametrize(
     ("extra", "connections"),
-    [(b"", 1), (b"HTTP/1.1 204 Sneaky\r\n\r\n", 2), (b"HTTP/1.1 200 OK\r\n", 2)],
-    ids=["clean", "whole", "begun"],
+    [
+        (b"", 1),
+        (b"HTTP/1.1 204 Sneaky\r\n\r\n", 2),
+        (b"HTTP/1.1 200 OK\r\n", 2),
+        (b"\x00garbage\r\n\r\n", 2),
+    ],
+    ids=["clean", "whole", "begun", "garbage"],
 )
 async def test_bytes_after_a_body_that_came_in_pieces(
-    token_server: StandInTokenServer, extra: bytes, connections: int
+    token_server: StandInTokenServer,
+    bypassed: list[tuple[int, int]],
+    extra: bytes,
+    connections: int,
 ) -> None:
-    """The end of a body read in pieces is where the answer ends: what follows it is an
-    upstream out of step (that connection is not used again), never part of the body."""
+    """The end of a body read in pieces is where the answer ends: what follows it, in the same
+    read, is an upstream out of step (that connection is not used again), never body."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789" + extra
     async with proxy_in_front_of(token_server, in_pieces(answer, [43, 47])) as (raw, proxy):
-        first = await exchange(proxy.port, GET)
-        second = await exchange(proxy.port, GET)
+        first, second = await two_gets(proxy.port)
     assert (first.status, first.body) == (200, b"0123456789")
     assert (second.status, second.body) == (200, b"0123456789")
     assert raw.connections == connections
+    assert bypassed[:2] == [(4, 6), (2 + len(extra), 2)]
+
+
+async def test_bytes_after_a_body_in_a_later_read(token_server: StandInTokenServer) -> None:
+    """Bytes that come after the body has ended, in a read of their own while the connection
+    is idle, close it (nothing was asked); the next request goes on a new one."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789HTTP/1.1 200 OK\r\n\r\n"
+    respond = in_turn(in_pieces(answer, [43, 49]), canned(OK))
+    async with proxy_in_front_of(token_server, respond) as (raw, proxy):
+        first = await exchange(proxy.port, GET)
+        await asyncio.sleep(0.1)  # the extra bytes arrive before the next request
+        second = await exchange(proxy.port, GET)
+    assert (first.status, first.body) == (200, b"0123456789")
+    assert (second.status, second.body) == (200, b"ok")
+    assert raw.connections == 2
+
+
+async def test_an_upstream_gone_in_the_middle_of_a_body_in_pieces(
+    token_server: StandInTokenServer, bypassed: list[tuple[int, int]]
+) -> None:
+    """Cut short after the parser was left behind: a 502 (a small answer is read whole before
+    anything is sent), and the next request gets a new connection."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n012345"
+
+    async def cut(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        await in_pieces(answer, [43])(request, writer)
+        writer.close()
+
+    async with proxy_in_front_of(token_server, in_turn(cut, canned(OK))) as (raw, proxy):
+        first = await exchange(proxy.port, GET)
+        after = await exchange(proxy.port, GET)
+    assert bypassed == [(2, 6)]
+    assert (first.status, first.header(ERROR_HEADER)) == (502, ["bad_upstream_response"])
+    assert (after.status, after.body) == (200, b"ok")
+    assert raw.connections == 2
+
+
+async def test_head_between_bodies_in_pieces(
+    token_server: StandInTokenServer, bypassed: list[tuple[int, int]]
+) -> None:
+    """GET, HEAD, GET on one upstream connection, the GET bodies in pieces: each answer is
+    read with the parser its request needs."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
+    head = b"HEAD /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
+    respond = in_turn(in_pieces(answer, [43]), canned(answer[:39]), in_pieces(answer, [43, 45]))
+    async with proxy_in_front_of(token_server, respond) as (raw, proxy):
+        first = await exchange(proxy.port, GET)
+        second = await exchange(proxy.port, head, method="HEAD")
+        third = await exchange(proxy.port, GET)
+    assert (first.status, first.body) == (200, b"0123456789")
+    assert (second.status, second.header("Content-Length"), second.body) == (200, ["10"], b"")
+    assert (third.status, third.body) == (200, b"0123456789")
+    assert raw.connections == 1
+    assert bypassed == [(6, 6), (2, 6), (4, 4)]
+
+
+@pytest.mark.parametrize(
+    ("interim", "status"),
+    [
+        (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n", 200),
+        (b"HTTP/1.1 103 Early Hints\r\nContent-Length: 5\r\n\r\n", 200),
+        (b"HTTP/1.1 150 Odd\r\nContent-Length: 5\r\n\r\nhello", 502),
+        (b"HTTP/1.1 104 Odd\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300_000, 502),
+    ],
+    ids=["early-hints", "early-hints-length", "with-body", "with-large-body"],
+)
+async def test_interim_answers(
+    token_server: StandInTokenServer, interim: bytes, status: int
+) -> None:
+    """Interim answers are not relayed; the final answer is. One that comes with a body (the
+    parser reads one for 104-199 with a length) is framed two ways: a 502 at once, never a
+    wait on a body nobody reads."""
+    async with proxy_in_front_of(token_server, canned(interim + OK)) as (_raw, proxy):
+        answer = await exchange(proxy.port, GET)
+    assert answer.status == status
+    if status == 200:
+        assert answer.body == b"ok"
+        assert b"103" not in answer.head
+    else:
+        assert answer.header(ERROR_HEADER) == ["bad_upstream_response"]
 
 
 async def test_a_connection_idle_too_long_is_not_used_again(
