@@ -150,12 +150,17 @@ class UpstreamResponse:
     __slots__ = ("_connection", "content", "content_length", "message")
 
     def __init__(
-        self, connection: UpstreamConnection, message: RawResponseMessage, content: StreamReader
+        self,
+        connection: UpstreamConnection,
+        message: RawResponseMessage,
+        content: StreamReader,
+        content_length: int | None,
     ) -> None:
         self._connection = connection
         self.message = message
         self.content = content
-        self.content_length = _content_length(message)
+        self.content_length = content_length
+        """The announced ``Content-Length``, if any."""
 
     @property
     def status(self) -> int:
@@ -590,17 +595,18 @@ class UpstreamConnection(BaseProtocol):
                 self.close()  # a second answer to one request: the upstream is out of step
                 return
             self._message = message
+            length = _content_length(message)
             content = payload
             if self._head_parser or code in (101, 204, 304):
                 content = EMPTY_PAYLOAD
             else:
                 self._body = payload
                 payload.on_eof(self._body_done)
-                if not payload.is_eof() and not message.chunked:
-                    self._body_length = _content_length(message) or 0
+                if not payload.is_eof() and length and not message.chunked:
+                    self._body_length = length
             answer = self._answer
             if answer is not None and not answer.done():
-                answer.set_result(UpstreamResponse(self, message, content))
+                answer.set_result(UpstreamResponse(self, message, content, length))
             if content is EMPTY_PAYLOAD:
                 self._stop_timer()
         if upgraded:
