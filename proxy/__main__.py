@@ -31,7 +31,6 @@ try:
     from .server import Proxy, run, run_loop
     from .standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
     from .token_endpoint import Token, TokenEndpoint
-    from .workers import serve_workers
 finally:
     gc.freeze()
     if _collecting:
@@ -100,6 +99,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     logs.configure(settings.log)
     try:
         if args.command == "serve" and settings.server.workers > 1:
+            from .workers import serve_workers  # multiprocessing and ctypes: only when asked for
+
             serve_workers(settings, settings.server.workers)
         elif args.command == "serve":
             run_loop(run(settings))
