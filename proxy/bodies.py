@@ -58,6 +58,7 @@ class StreamedBody:
         self._loop = asyncio.get_running_loop()
         self._waiting_since: float | None = None  # when the read now waiting began
         self._timer: asyncio.TimerHandle | None = None
+        self._reading_task: asyncio.Task[object] | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body's bytes as they arrive; ``limit`` 0 means no size limit."""
@@ -94,12 +95,17 @@ class StreamedBody:
     def _read_begins(self) -> None:
         self._waiting_since = now = self._loop.time()
         if self._timer is None:
+            self._reading_task = asyncio.current_task()
             self._timer = self._loop.call_at(now + self._read_timeout, self._timer_fired)
 
     def _timer_fired(self) -> None:
         self._timer = None
-        if self._waiting_since is None:
-            return  # not reading now (the upstream is taking a chunk): armed at the next read
+        task = self._reading_task
+        if self._waiting_since is None or task is None or task.cancelling():
+            # Not reading now (the upstream is taking a chunk), or the read is being cancelled
+            # (the exchange ended): nothing to time, and the body's reader, which the connection
+            # may still drain, is left alone. Armed again at the next read.
+            return
         due = self._waiting_since + self._read_timeout
         if due > self._loop.time():
             self._timer = self._loop.call_at(due, self._timer_fired)

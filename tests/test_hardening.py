@@ -23,7 +23,14 @@ from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
 from .rawhttp import RawRequest, canned, exchange, read_response
-from .support import ProxyFactory, make_settings, proxy_in_front_of, wait_for, wait_ready
+from .support import (
+    ProxyFactory,
+    make_settings,
+    proxy_before,
+    proxy_in_front_of,
+    wait_for,
+    wait_ready,
+)
 
 POST = b"POST /x HTTP/1.1\r\nHost: p\r\n"
 CHUNKED = POST + b"Transfer-Encoding: chunked\r\n\r\n"
@@ -437,6 +444,41 @@ async def test_a_body_that_keeps_coming_is_not_cut_off(
         writer.close()
     assert response.status == 200
     assert upstream.received[-1].body_sha256 == hashlib.sha256(body).hexdigest()
+
+
+async def test_an_upstream_slow_to_take_a_body_is_not_the_clients_stall(
+    token_server: StandInTokenServer,
+) -> None:
+    """body_timeout times the client only: while the upstream stops taking the body (longer
+    than body_timeout), the proxy stops reading the client, and that wait is nobody's stall."""
+    length = 16 * 1024 * 1024  # more than loopback buffers hold: the proxy's writes wait
+    taken: list[int] = []
+
+    async def pause_then_take(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got = len(await reader.readexactly(1024 * 1024))
+        await asyncio.sleep(1.0)  # takes nothing for over three body_timeouts
+        got += len(await reader.readexactly(length - got))
+        taken.append(got)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()  # until the proxy lets go of the connection
+        writer.close()
+
+    async with proxy_before(
+        token_server, pause_then_take, server={"body_timeout": 0.3}, upstream={"read_timeout": 5}
+    ) as (proxy, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(POST + b"Content-Length: %d\r\n\r\n" % length)
+        chunk = os.urandom(65536)
+        for _ in range(length // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        async with asyncio.timeout(10):
+            response = await read_response(reader)
+        writer.close()
+    assert (response.status, response.body) == (200, b"ok")
+    assert taken == [length]
 
 
 async def _open_fds() -> int:
