@@ -46,6 +46,16 @@ _RESPONSE_DROP_RAW = frozenset(name.encode() for name in HOP_BY_HOP | FRAMING)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def declared_length(headers: CIMultiDictProxy[str]) -> int | None:
+    """The body length a message declares in ``Content-Length``, if any.
+
+    The parser has rejected anything but one run of digits (and a second, differing field), so
+    this reads what it framed the body by.
+    """
+    value = headers.get("Content-Length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
 def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Lower-cased field names listed in ``Connection`` (they are hop-by-hop too)."""
     values = headers.getall("Connection", ())

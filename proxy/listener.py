@@ -1,7 +1,8 @@
 """The HTTP listener: client connections, parsed by llhttp, answered one request at a time.
 
 One :class:`ClientConnection` per client. aiohttp's compiled parser (llhttp, strict) reads the
-requests; each becomes a :class:`~proxy.messages.Request` for the handler, and is answered
+requests (the rest of a body of known length, once its head is read, goes to the body's reader
+around it); each becomes a :class:`~proxy.messages.Request` for the handler, and is answered
 before the next one on the same connection (pipelined requests wait their turn). A general web
 framework spends per request what a proxy does not need (a request object with lazily parsed
 everything, a response object, a task per request); here a request costs one small object and
@@ -28,10 +29,10 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpRequestParser, RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
-from .bodies import BrokenBody
+from .bodies import BrokenBody, feed_counted
 from .config import ServerSettings
 from .errors import ConfigError, json_error
-from .headers import field_block
+from .headers import declared_length, field_block
 from .messages import Request
 
 log = logging.getLogger("sparks_proxy.listener")
@@ -136,23 +137,11 @@ class ClientConnection(BaseProtocol):
     """One client connection: parse, queue, answer in order, keep alive or close."""
 
     def __init__(self, listener: Listener) -> None:
-        loop = asyncio.get_running_loop()
-        limits = listener.limits
-        parser = HttpRequestParser(
-            self,
-            loop,
-            READ_BUFFER,
-            max_line_size=limits.max_line_size,
-            max_field_size=limits.max_field_size,
-            max_headers=limits.max_headers,
-            payload_exception=BrokenBody,
-            auto_decompress=False,  # a proxy passes compressed bodies through
-            max_msg_queue_size=MAX_QUEUED,  # parsing pauses when this many wait for answers
-        )
-        super().__init__(loop, parser)
-        self._reader = parser
+        super().__init__(asyncio.get_running_loop())
         self._listener = listener
-        self._limits = limits
+        self._limits = listener.limits
+        # BaseProtocol pauses the parser as _parser; _reader is the same one, with its type.
+        self._reader = self._parser = self._new_parser()
         self._queue: collections.deque[tuple[RawRequestMessage | Exception, StreamReader]] = (
             collections.deque()
         )
@@ -162,12 +151,27 @@ class ClientConnection(BaseProtocol):
         self._pending: Pending | None = None  # a request answered in callbacks, not the task
         self._handed: Pending | None = None  # a pending request given to a task not yet run
         self._body: StreamReader | None = None  # the body of the latest parsed request
+        self._body_length = 0  # of that body, while its bytes bypass the parser
         self._remote: str | None = None
         self._done_reading = False  # after a parse error or an upgrade: no more requests
         self._lingering = False  # our side has ended; the close follows
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
+
+    def _new_parser(self) -> HttpRequestParser:
+        limits = self._limits
+        return HttpRequestParser(
+            self,
+            self._loop,
+            READ_BUFFER,
+            max_line_size=limits.max_line_size,
+            max_field_size=limits.max_field_size,
+            max_headers=limits.max_headers,
+            payload_exception=BrokenBody,
+            auto_decompress=False,  # a proxy passes compressed bodies through
+            max_msg_queue_size=MAX_QUEUED,  # parsing pauses when this many wait for answers
+        )
 
     # -- asyncio callbacks ------------------------------------------------------------------
 
@@ -190,8 +194,12 @@ class ClientConnection(BaseProtocol):
             self._idle()
 
     def data_received(self, data: bytes) -> None:
-        """Parse; queue whole requests; time a head that arrives in pieces."""
+        """Parse; queue whole requests; time a head that arrives in pieces; pass the rest of a
+        body of known length around the parser."""
         if self._done_reading:
+            return
+        if self._body_length and data:
+            self._pass_body(data)
             return
         try:
             messages, upgraded, _ = self._reader.feed_data(data)
@@ -207,6 +215,8 @@ class ClientConnection(BaseProtocol):
                 self._body = body
             if upgraded:
                 self._done_reading = True  # what follows would be another protocol's bytes
+            elif body is not EMPTY_PAYLOAD and not body.is_eof():
+                self._bypass(message, body)
             if self.task is None and self._pending is None:
                 self._serve_next()
             # The parser stops at MAX_QUEUED requests not yet taken (one taken may not be
@@ -219,6 +229,40 @@ class ClientConnection(BaseProtocol):
             self._head_timer = self._loop.call_later(
                 self._limits.header_timeout, self._head_timed_out
             )
+
+    def _bypass(self, message: RawRequestMessage, body: StreamReader) -> None:
+        """Let the rest of ``body`` go around the parser, if it is a plain body of known length.
+
+        Not a chunked body (the parser de-frames it), nor one after an upgrade request or
+        CONNECT (the parser decides what the next bytes are). The bypass ends with the body,
+        whoever ends it: the parser may have had it whole already, stopping just before its end
+        when its buffer filled (holding what follows), to end it when reading resumes.
+        """
+        if message.chunked or message.upgrade or message.method == "CONNECT":
+            return
+        length = declared_length(message.headers)
+        if length is not None:
+            self._body_length = length
+            body.on_eof(self._bypass_ended)
+
+    def _bypass_ended(self) -> None:
+        self._body_length = 0
+
+    def _pass_body(self, data: bytes) -> None:
+        """Feed the rest of a body of known length to its reader without the parser.
+
+        At the body's end the parser, left mid-body, is replaced, and the bytes after the body
+        are parsed by the new one. The new parser has not counted the requests still queued
+        (it pauses at MAX_QUEUED of its own); the queue stays bounded all the same, as reading
+        pauses in ``data_received`` once the queue is near MAX_QUEUED.
+        """
+        assert self._body is not None
+        after = feed_counted(self._body, self._body_length, data)
+        if after is None:
+            return
+        self._reader = self._parser = self._new_parser()
+        if after:
+            self.data_received(after)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         """Stop everything the connection had going: timers, its handler, its body."""
@@ -338,7 +382,9 @@ class ClientConnection(BaseProtocol):
         self._idle()
 
     def _body_ended(self) -> None:
-        # llhttp counts a request once its body ends, just after this callback runs.
+        # llhttp counts a request once its body ends, just after this callback runs. (One whose
+        # body went around it is never counted: the parser is replaced, and message_consumed()
+        # never counts below zero.)
         self._loop.call_soon(self._request_done)
 
     def _request_done(self) -> None:

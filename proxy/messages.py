@@ -20,7 +20,7 @@ from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
 
-from .headers import field_block
+from .headers import declared_length, field_block
 
 if TYPE_CHECKING:
     from .listener import ClientConnection
@@ -92,8 +92,7 @@ class Request:
     @property
     def content_length(self) -> int | None:
         """The declared body length, if any (the parser has checked it is a number)."""
-        value = self._message.headers.get("Content-Length")
-        return int(value) if value is not None else None
+        return declared_length(self._message.headers)
 
     @property
     def body_exists(self) -> bool:

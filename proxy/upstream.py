@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 
+from .bodies import feed_counted
 from .config import UpstreamSettings
 from .errors import (
     BadUpstreamResponse,
@@ -36,6 +37,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .headers import declared_length
 
 READ_BUFFER = 64 * 1024
 """Body bytes buffered per response before reading from the upstream pauses."""
@@ -394,11 +396,6 @@ def _connect_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def _content_length(message: RawResponseMessage) -> int | None:
-    length = message.headers.get("Content-Length")
-    return int(length) if length is not None and length.isdigit() else None
-
-
 class _BodyFailed(BadUpstreamResponse):
     """A body the parser could not complete; its own message may quote the upstream."""
 
@@ -595,7 +592,7 @@ class UpstreamConnection(BaseProtocol):
                 self.close()  # a second answer to one request: the upstream is out of step
                 return
             self._message = message
-            length = _content_length(message)
+            length = declared_length(message.headers)
             content = payload
             if self._head_parser or code in (101, 204, 304):
                 content = EMPTY_PAYLOAD
@@ -613,26 +610,19 @@ class UpstreamConnection(BaseProtocol):
             self.close()  # only a 101 does this; the forwarder refuses it
 
     def _pass_body(self, data: bytes) -> None:
-        """Feed bytes of a body of known length to its reader without the parser.
+        """Feed the rest of a body of known length to its reader without the parser.
 
-        The parser would only count them, copying each chunk: about a tenth of the proxy's CPU
-        on a large download. The reader's ``total_bytes`` counts what it has had, from the
-        parser or from here, so it says how much is still due: the bytes as sent, since the
-        parser never decompresses (``auto_decompress=False``). At the body's end the parser,
-        left mid-body, is replaced; bytes after the body go to the new one (a second answer:
-        the connection closes).
+        At the body's end (``_body_done`` ends the bypass) the parser, left mid-body, is
+        replaced; bytes after the body go to the new one (a second answer: the connection
+        closes).
         """
-        body = self._body
-        assert body is not None
-        due = self._body_length - body.total_bytes
-        if len(data) < due:
-            body.feed_data(data)
+        assert self._body is not None
+        after = feed_counted(self._body, self._body_length, data)
+        if after is None:
             return
-        body.feed_data(data[:due] if len(data) > due else data)
-        body.feed_eof()  # _body_done ends the bypass
         self._reader = self._parser = self._new_parser(with_body=True)
-        if len(data) > due:
-            self.data_received(data[due:])
+        if after:
+            self.data_received(after)
 
     def _body_done(self) -> None:
         self._body_length = 0

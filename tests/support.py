@@ -10,10 +10,12 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
 import aiohttp
+import pytest
 
 from proxy import config
 from proxy.app import TOKENS
 from proxy.config import AuthSettings, Secret, ServerSettings, Settings, UpstreamSettings
+from proxy.listener import ClientConnection
 from proxy.server import Proxy
 from proxy.standins import (
     DEMO_CLIENT_ID,
@@ -21,6 +23,7 @@ from proxy.standins import (
     StandInTokenServer,
     StandInUpstream,
 )
+from proxy.upstream import UpstreamConnection
 
 from .rawhttp import RawUpstream, Responder
 
@@ -127,6 +130,25 @@ async def wait_ready(proxy: Proxy, timeout: float = 5.0) -> None:
     """Wait (bounded) until the proxy holds a token."""
     tokens = proxy.app[TOKENS]
     await wait_for(lambda: tokens.current() is not None, timeout)
+
+
+def spy_on_bypass(
+    monkeypatch: pytest.MonkeyPatch, protocol: type[ClientConnection] | type[UpstreamConnection]
+) -> list[tuple[int, int]]:
+    """(bytes read, body bytes still due) for every read ``protocol`` passes around its parser,
+    so a test knows its pieces took that path rather than arriving together. Tests send bodies
+    in three pieces or more: the path is taken unless every piece comes in one read."""
+    reads: list[tuple[int, int]] = []
+    pass_body = protocol._pass_body
+
+    def spy(connection: Any, data: bytes) -> None:
+        body = connection._body
+        assert body is not None
+        reads.append((len(data), connection._body_length - body.total_bytes))
+        pass_body(connection, data)
+
+    monkeypatch.setattr(protocol, "_pass_body", spy)
+    return reads
 
 
 class LogCapture(logging.Handler):

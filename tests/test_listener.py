@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import json
 import logging
+import os
+import socket
 import time
 
 import pytest
@@ -23,6 +26,7 @@ from .support import (
     ProxyFactory,
     proxy_before,
     proxy_in_front_of,
+    spy_on_bypass,
     wait_for,
     wait_ready,
 )
@@ -418,3 +422,180 @@ async def test_a_slot_given_back_as_its_waiter_gives_up_goes_to_the_next() -> No
         await waiting
     assert slots.take_now()
     assert not slots.take_now()
+
+
+# -- request bodies of known length read around the parser ------------------------------------
+
+AFTER = b"GET /after HTTP/1.1\r\nHost: p\r\n\r\n"
+
+
+@pytest.fixture
+def bypassed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(bytes read, body bytes still due) for each read that went around the request parser."""
+    return spy_on_bypass(monkeypatch, listener.ClientConnection)
+
+
+async def send_in_pieces(writer: asyncio.StreamWriter, data: bytes, cuts: list[int]) -> None:
+    """Write ``data`` in pieces ending at ``cuts``, a pause between each (one read each)."""
+    start = 0
+    for end in [*cuts, len(data)]:
+        writer.write(data[start:end])
+        await writer.drain()
+        await asyncio.sleep(0.02)
+        start = end
+
+
+def upload(body: bytes, head: bytes = b"") -> bytes:
+    """A POST of ``body`` to /up, with ``head`` among its header fields."""
+    return b"POST /up HTTP/1.1\r\nHost: p\r\n%bContent-Length: %d\r\n\r\n" % (head, len(body))
+
+
+@pytest.mark.parametrize("length", [40_000, 1_000_000], ids=["buffered", "streamed"])
+async def test_an_upload_in_pieces_then_the_next_request(
+    proxy: Proxy, upstream: StandInUpstream, bypassed: list[tuple[int, int]], length: int
+) -> None:
+    """A body of known length that arrives over many reads (when streamed, more than the proxy
+    buffers at once) reaches the upstream byte for byte; the request that follows it in the
+    same read is read as a request."""
+    body = os.urandom(length)
+    head = upload(body)
+    cuts = [len(head) + 100, len(head) + length // 3, len(head) + length // 3 + 1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        await send_in_pieces(writer, head + body + AFTER, cuts)
+        async with asyncio.timeout(10):
+            answers = [await read_response(reader) for _ in range(2)]
+    finally:
+        writer.close()
+    assert [a.status for a in answers] == [200, 200]
+    assert [r.target for r in upstream.received] == ["/up", "/after"]
+    assert upstream.received[0].body_sha256 == hashlib.sha256(body).hexdigest()
+    assert len(bypassed) >= 3
+    read, due = bypassed[-1]
+    assert read - due == len(AFTER)  # the last read: the body's end, then the next request
+
+
+@pytest.mark.parametrize(
+    ("after", "later", "statuses", "targets"),
+    [
+        (b"", AFTER, [200, 200], ["/up", "/after"]),
+        (AFTER * 30, b"", [200] * 31, ["/up"] + ["/after"] * 30),
+        (AFTER[:20], AFTER[20:], [200, 200], ["/up", "/after"]),
+        (b"\x00garbage\r\n\r\n", b"", [200, 400], ["/up"]),
+    ],
+    ids=["later", "pipelined", "begun", "garbage"],
+)
+async def test_bytes_after_an_upload_in_pieces(
+    proxy: Proxy,
+    upstream: StandInUpstream,
+    bypassed: list[tuple[int, int]],
+    after: bytes,
+    later: bytes,
+    statuses: list[int],
+    targets: list[str],
+) -> None:
+    """Where a body read around the parser ends, the parser takes over: what follows, in the
+    same read or a later one, is parsed as the next requests (in order, however many), or
+    answered 400 if it is not HTTP. None of it is body."""
+    body = b"0123456789"
+    head = upload(body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        await send_in_pieces(writer, head + body + after, [len(head), len(head) + 4])
+        if later:
+            writer.write(later)
+        async with asyncio.timeout(10):
+            answers = [await read_response(reader) for _ in statuses]
+            if statuses[-1] == 400:
+                assert await reader.read() == b""  # and the connection closes
+    finally:
+        writer.close()
+    assert [a.status for a in answers] == statuses
+    assert [r.target for r in upstream.received] == targets
+    assert upstream.received[0].body_sha256 == hashlib.sha256(body).hexdigest()
+    assert bypassed[-1] == (6 + len(after), 6)  # the body's last 6 bytes, and what followed
+
+
+@pytest.mark.parametrize("after", [AFTER, b""], ids=["request-behind", "body-at-the-end"])
+async def test_a_body_the_parser_had_whole_in_one_read(
+    proxy: Proxy,
+    upstream: StandInUpstream,
+    bypassed: list[tuple[int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+    after: bytes,
+) -> None:
+    """A body over the reader's buffer that arrives whole in one read (a request behind it, or
+    not): the parser stops after the body (the buffer is full), holding what follows, and ends
+    the body itself when reading resumes. Nothing goes around it; what follows is served."""
+    reads: list[int] = []
+    data_received = listener.ClientConnection.data_received
+
+    def spy(connection: listener.ClientConnection, data: bytes) -> None:
+        reads.append(len(data))
+        data_received(connection, data)
+
+    monkeypatch.setattr(listener.ClientConnection, "data_received", spy)
+    big = 1024 * 1024  # receive and send buffers that hold the whole write at once
+    assert proxy._server is not None
+    for server_socket in proxy._server.sockets:  # accepted connections inherit it
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, big)
+    client = socket.create_connection(("127.0.0.1", proxy.port))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, big)
+    reader, writer = await asyncio.open_connection(sock=client)
+    body = os.urandom(3 * listener.READ_BUFFER)
+    first = upload(body) + body + after
+    try:
+        writer.write(first)  # sent before the proxy, on this event loop, reads any of it
+        async with asyncio.timeout(5):
+            answers = [await read_response(reader) for _ in range(2 if after else 1)]
+            writer.write(upload(b"abc") + b"abc")
+            answers.append(await read_response(reader))
+    finally:
+        writer.close()
+    assert reads[0] == len(first)
+    targets = ["/up", "/after", "/up"] if after else ["/up", "/up"]
+    assert [a.status for a in answers] == [200] * len(targets)
+    assert [r.target for r in upstream.received] == targets
+    assert upstream.received[0].body_sha256 == hashlib.sha256(body).hexdigest()
+    assert upstream.received[-1].body_sha256 == hashlib.sha256(b"abc").hexdigest()
+    assert bypassed == []
+
+
+@pytest.mark.parametrize("length", [40_000, 1_000_000], ids=["buffered", "streamed"])
+async def test_a_client_gone_in_the_middle_of_an_upload_in_pieces(
+    proxy: Proxy, upstream: StandInUpstream, bypassed: list[tuple[int, int]], length: int
+) -> None:
+    """A body cut short after the parser was left behind never reaches the upstream as a
+    whole request, and the proxy serves on."""
+    body = os.urandom(length)
+    head = upload(body)
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    await send_in_pieces(writer, head + body[: length // 2], [len(head) + 10, len(head) + 20])
+    writer.transport.abort()
+    await asyncio.sleep(0.2)
+    assert bypassed
+    assert bypassed[-1][0] < bypassed[-1][1]  # the body was still due when the client left
+    answer = await exchange(proxy.port, AFTER)
+    assert answer.status == 200
+    assert [r.target for r in upstream.received] == ["/after"]
+
+
+async def test_an_upgrade_request_body_is_read_by_the_parser(
+    proxy: Proxy, upstream: StandInUpstream, bypassed: list[tuple[int, int]]
+) -> None:
+    """After an upgrade request the parser decides what the next bytes are: its body is not
+    read around it, and what follows is never served as a request."""
+    body = b"0123456789"
+    head = upload(body, b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    try:
+        await send_in_pieces(writer, head + body + AFTER, [len(head), len(head) + 4])
+        async with asyncio.timeout(5):
+            answer = await read_response(reader)
+            rest = await reader.read()
+    finally:
+        writer.close()
+    assert answer.status == 200
+    assert rest == b""  # the connection closed after the answer
+    assert bypassed == []
+    assert [r.target for r in upstream.received] == ["/up"]

@@ -15,7 +15,7 @@ from proxy.errors import ERROR_HEADER
 from proxy.standins import StandInTokenServer
 
 from .rawhttp import RawRequest, RawResponse, Responder, canned, exchange, read_response
-from .support import proxy_before, proxy_in_front_of, wait_for
+from .support import proxy_before, proxy_in_front_of, spy_on_bypass, wait_for
 
 GET = b"GET /items HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 POST = b"POST /items HTTP/1.1\r\nHost: proxy.test\r\nContent-Length: 2\r\n\r\nhi"
@@ -144,20 +144,8 @@ def in_turn(*responders: Responder) -> Responder:
 
 @pytest.fixture
 def bypassed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
-    """(bytes read, body bytes still due) for every read that went around the answer parser:
-    so a test knows its pieces took that path rather than arriving together. Tests split
-    bodies in three pieces or more: the path is taken unless every piece comes in one read."""
-    reads: list[tuple[int, int]] = []
-    pass_body = upstream_pool.UpstreamConnection._pass_body
-
-    def spy(connection: upstream_pool.UpstreamConnection, data: bytes) -> None:
-        body = connection._body
-        assert body is not None
-        reads.append((len(data), connection._body_length - body.total_bytes))
-        pass_body(connection, data)
-
-    monkeypatch.setattr(upstream_pool.UpstreamConnection, "_pass_body", spy)
-    return reads
+    """(bytes read, body bytes still due) for each read that went around the answer parser."""
+    return spy_on_bypass(monkeypatch, upstream_pool.UpstreamConnection)
 
 
 async def two_gets(port: int) -> tuple[RawResponse, RawResponse]:
