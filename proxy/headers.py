@@ -49,8 +49,8 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def declared_length(headers: CIMultiDictProxy[str]) -> int | None:
     """The body length a message declares in ``Content-Length``, if any.
 
-    The parser has rejected anything but one run of digits (and a second, differing field), so
-    this reads what it framed the body by.
+    The parser has rejected anything but one field of digits, so this reads what it framed the
+    body by.
     """
     value = headers.get("Content-Length")
     return int(value) if value is not None and value.isdigit() else None

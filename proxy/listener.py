@@ -234,14 +234,15 @@ class ClientConnection(BaseProtocol):
         """Let the rest of ``body`` go around the parser, if it is a plain body of known length.
 
         Not a chunked body (the parser de-frames it), nor one after an upgrade request or
-        CONNECT (the parser decides what the next bytes are). The bypass ends with the body,
-        whoever ends it: the parser may have had it whole already, stopping just before its end
-        when its buffer filled (holding what follows), to end it when reading resumes.
+        CONNECT (the parser decides what the next bytes are), nor one the parser has had whole:
+        it stops just before a body's end when the body's buffer fills, holding what follows,
+        and ends the body itself when reading resumes. The bypass ends with the body, whoever
+        ends it.
         """
         if message.chunked or message.upgrade or message.method == "CONNECT":
             return
         length = declared_length(message.headers)
-        if length is not None:
+        if length is not None and length > body.total_bytes:
             self._body_length = length
             body.on_eof(self._bypass_ended)
 
@@ -252,14 +253,15 @@ class ClientConnection(BaseProtocol):
         """Feed the rest of a body of known length to its reader without the parser.
 
         At the body's end the parser, left mid-body, is replaced, and the bytes after the body
-        are parsed by the new one. The new parser has not counted the requests still queued
-        (it pauses at MAX_QUEUED of its own); the queue stays bounded all the same, as reading
-        pauses in ``data_received`` once the queue is near MAX_QUEUED.
+        are parsed by the new one. The new parser has not counted the requests still queued,
+        so it may parse up to MAX_QUEUED more before it pauses: the queue stays bounded (at
+        about twice MAX_QUEUED), as reading pauses once it holds MAX_QUEUED - 1.
         """
         assert self._body is not None
         after = feed_counted(self._body, self._body_length, data)
         if after is None:
             return
+        self._body_length = 0  # also when a failed body (a stall) dropped its on_eof callbacks
         self._reader = self._parser = self._new_parser()
         if after:
             self.data_received(after)
@@ -383,8 +385,8 @@ class ClientConnection(BaseProtocol):
 
     def _body_ended(self) -> None:
         # llhttp counts a request once its body ends, just after this callback runs. (One whose
-        # body went around it is never counted: the parser is replaced, and message_consumed()
-        # never counts below zero.)
+        # body went around it was not counted: its message_consumed() lowers the new parser's
+        # count of later requests, which only lets that parser read further ahead.)
         self._loop.call_soon(self._request_done)
 
     def _request_done(self) -> None:

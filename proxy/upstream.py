@@ -599,7 +599,9 @@ class UpstreamConnection(BaseProtocol):
             else:
                 self._body = payload
                 payload.on_eof(self._body_done)
-                if not payload.is_eof() and length and not message.chunked:
+                # Unless the parser has had the whole body: it stops just before a body's end
+                # when the body's buffer fills, and ends the body itself when reading resumes.
+                if length and not message.chunked and length > payload.total_bytes:
                     self._body_length = length
             answer = self._answer
             if answer is not None and not answer.done():
@@ -612,14 +614,14 @@ class UpstreamConnection(BaseProtocol):
     def _pass_body(self, data: bytes) -> None:
         """Feed the rest of a body of known length to its reader without the parser.
 
-        At the body's end (``_body_done`` ends the bypass) the parser, left mid-body, is
-        replaced; bytes after the body go to the new one (a second answer: the connection
-        closes).
+        At the body's end the parser, left mid-body, is replaced; bytes after the body go to
+        the new one (a second answer: the connection closes).
         """
         assert self._body is not None
         after = feed_counted(self._body, self._body_length, data)
         if after is None:
             return
+        self._body_length = 0  # also when a failed body dropped its on_eof callbacks
         self._reader = self._parser = self._new_parser(with_body=True)
         if after:
             self.data_received(after)
