@@ -10,7 +10,8 @@ Run ``.venv/bin/python bench/run.py`` (``--quick`` for a short smoke run). It st
 - sparks-proxy as shipped, ``sparks-proxy serve --config <tmp toml>`` (core 0);
 
 then drives them from core 1 with wrk, a raw-socket client (64 KiB buffers) for transfers and
-aiohttp for the cold burst, and prints one table of medians and ratios (sparks-proxy / nginx).
+aiohttp for the cold burst, and prints one table: medians, and the median of each run's ratio
+(sparks-proxy / nginx).
 Every load is bounded in time, every process it starts is killed in a ``finally`` and the
 temporary directory is removed. See docs/performance.md.
 """
@@ -62,8 +63,9 @@ BURST = 1000
 START_TIMEOUT = 20.0
 TRANSFER_TIMEOUT = 300.0
 SOCKET_TIMEOUT = 30.0
-TRANSFER_ROUNDS = 5
-"""Transfers per server and run; the run's figure is their median (one lasts under a second)."""
+TRANSFER_ROUNDS = 6
+"""Transfers per server and run; the run's figure is their median (one lasts under a second).
+Even: the proxies' order alternates from round to round."""
 SPREAD_NOTE = 1.5
 """A row whose runs differ by more than this factor (max / min) gets a note."""
 BUSY_BEFORE = 10.0
@@ -267,10 +269,11 @@ def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
     raise BenchError(f"no {field_name} for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds the process has used so far (/proc/<pid>/stat)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds the process has used so far (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def machine_busy(seconds: float = 1.0) -> float:
@@ -694,12 +697,15 @@ def measure_small_get(bench: Bench, samples: Samples, run: int) -> None:
     """
     for name, proxy in bench.proxies(run):
         pid = proxy.serving_pid()
-        cpu_before, started = cpu_seconds(pid), time.monotonic()
+        (user_before, system_before), started = cpu_seconds(pid), time.monotonic()
         result = wrk(bench, proxy.url("/small"), threads=1, conns=50, duration=bench.args.duration)
-        cpu = cpu_seconds(pid) - cpu_before
+        user, system = cpu_seconds(pid)
+        user, system = user - user_before, system - system_before
+        requests = max(result.requests, 1)
         samples.add(f"small_rps.{name}", result.rps)
-        samples.add(f"cpu_us.{name}", cpu / max(result.requests, 1) * 1e6)
-        samples.add(f"cpu_busy.{name}", cpu / (time.monotonic() - started) * 100)
+        samples.add(f"cpu_us.{name}", (user + system) / requests * 1e6)
+        samples.add(f"system_us.{name}", system / requests * 1e6)
+        samples.add(f"cpu_busy.{name}", (user + system) / (time.monotonic() - started) * 100)
         say(f"  small GET c=50  {name:7} {result.rps:10,.0f} req/s")
 
 
@@ -729,19 +735,23 @@ def measure_transfers(bench: Bench, samples: Samples, run: int) -> None:
     """Rows 3 and 4: downloads and uploads of ``transfer`` bytes through each server.
 
     Rounds interleave the servers, so a slow patch on a shared machine hits them all alike;
-    the run's figure for each server is the median of its rounds.
+    the run's figure for each server is the median of its rounds. The proxies' order
+    alternates every round, so each follows the direct upload and the other proxy's upload
+    equally often: a download's speed depends on the transfer before it (with one order per
+    run, whichever proxy came first had the lower download figure in every run).
     """
     size = bench.transfer
     landed = bench.uploads / "blob"
-    servers = [*bench.proxies(run), ("direct", bench.up())]
+    proxies = bench.proxies(run)
     rates: dict[str, list[float]] = defaultdict(list)
-    for _ in range(TRANSFER_ROUNDS):
-        for name, server in servers:
+    for turn in range(TRANSFER_ROUNDS):
+        order = proxies if turn % 2 == 0 else proxies[::-1]
+        for name, server in [*order, ("direct", bench.up())]:
             rates[f"download.{name}"].append(download(server.port, f"/files/blob-{size}", size))
             rates[f"upload.{name}"].append(upload(server.port, "/upload/blob", size, landed))
     for key, values in rates.items():
         samples.add(key, statistics.median(values))
-    for name, _ in servers:
+    for name in [*(name for name, _ in proxies), "direct"]:
         down, up = samples.values[f"download.{name}"][-1], samples.values[f"upload.{name}"][-1]
         say(f"  transfer        {name:7} down {down:7.0f} MB/s   up {up:7.0f} MB/s")
 
@@ -768,12 +778,32 @@ def measure_start_and_rss(bench: Bench, samples: Samples, run: int) -> None:
         finally:
             stop_process(server.proc)
         samples.add(f"startup_ms.{name}", startup_ms)
+        if name == "sparks":
+            floor = import_aiohttp_ms(bench)
+            if floor is not None:
+                samples.add("import_aiohttp_ms", floor)
         samples.add(f"rss_growth.{name}", growth)
         samples.add(f"rss_peak.{name}", peak)
         say(
             f"  fresh start     {name:7} {startup_ms:8.0f} ms to first answer;"
             f" RSS +{growth:.1f} MiB over {size_text(size)}"
         )
+
+
+def import_aiohttp_ms(bench: Bench) -> float | None:
+    """Milliseconds for a fresh interpreter of the proxy's venv to import aiohttp, and exit.
+
+    The floor under the start-up row: the proxy cannot start before aiohttp is imported.
+    """
+    python = Path(bench.sparks_cmd).with_name("python")
+    if not python.exists():
+        return None
+    cmd = [str(python), "-c", "import aiohttp"]
+    if bench.lab.pin:
+        cmd = ["taskset", "-c", PROXY_CORE, *cmd]  # where the proxy starts
+    started = time.monotonic()
+    subprocess.run(cmd, check=True, timeout=60)
+    return (time.monotonic() - started) * 1000
 
 
 def measure_cold_burst(bench: Bench, samples: Samples, run: int) -> None:
@@ -914,7 +944,7 @@ def build_rows(bench: Bench, samples: Samples) -> list[dict[str, Any]]:
     for spec in row_specs(bench):
         sparks = samples.median(f"{spec.key}.sparks")
         nginx = samples.median(f"{spec.key}.nginx")
-        ratio = sparks / nginx if spec.ratio and sparks is not None and nginx else None
+        ratio = paired_ratio(samples, spec.key) if spec.ratio else None
         rows.append(
             {
                 "measure": spec.label,
@@ -933,6 +963,17 @@ def build_rows(bench: Bench, samples: Samples) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def paired_ratio(samples: Samples, key: str) -> float | None:
+    """The median of each run's sparks-proxy / nginx figures.
+
+    Each run measures both side by side, minutes apart at most; a ratio of the two medians
+    could pair figures from different runs, taken when the VM ran at different speeds.
+    """
+    pairs = zip(samples.values.get(f"{key}.sparks", []), samples.values.get(f"{key}.nginx", []))
+    ratios = [sparks / nginx for sparks, nginx in pairs if nginx]
+    return statistics.median(ratios) if ratios else None
 
 
 def cell(value: float | None, digits: int) -> str:
@@ -973,11 +1014,18 @@ def context_notes(bench: Bench, samples: Samples) -> list[str]:
             f"download {down:.0f} MB/s, upload {up:.0f} MB/s"
         )
     cpu = [samples.median(f"cpu_us.{who}") for who in ("sparks", "nginx")]
+    system = [samples.median(f"system_us.{who}") for who in ("sparks", "nginx")]
     busy = [samples.median(f"cpu_busy.{who}") for who in ("sparks", "nginx")]
-    if None not in cpu and None not in busy:
+    if None not in cpu and None not in system and None not in busy:
         notes.append(
             f"proxy CPU per small GET at c=50: sparks-proxy {cpu[0]:.0f} us, nginx {cpu[1]:.0f} us"
-            f" (core 0 busy: {busy[0]:.0f}% and {busy[1]:.0f}%)"
+            f" (in the kernel: {system[0]:.0f} and {system[1]:.0f} us;"
+            f" core 0 busy: {busy[0]:.0f}% and {busy[1]:.0f}%)"
+        )
+    floor = samples.median("import_aiohttp_ms")
+    if floor is not None:
+        notes.append(
+            f"start-up floor: a fresh interpreter importing aiohttp alone takes {floor:.0f} ms"
         )
     peaks = [samples.median(f"rss_peak.{who}") for who in ("sparks", "nginx")]
     if None not in peaks:
