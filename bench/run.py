@@ -679,10 +679,19 @@ class Samples:
 
     def __init__(self) -> None:
         self.values: dict[str, list[float]] = defaultdict(list)
+        self.runs: dict[str, list[int]] = defaultdict(list)
+        """The run each figure was measured in (a failed measurement adds none)."""
+        self.run = 0
+        """The run being measured now."""
 
     def add(self, key: str, value: float) -> None:
         """Record one figure."""
         self.values[key].append(value)
+        self.runs[key].append(self.run)
+
+    def by_run(self, key: str) -> dict[int, float]:
+        """The figures under ``key`` by run (the last one, if a run measured it twice)."""
+        return dict(zip(self.runs[key], self.values[key], strict=True))
 
     def median(self, key: str) -> float | None:
         """The median of the figures under ``key``, or None."""
@@ -735,18 +744,22 @@ def measure_transfers(bench: Bench, samples: Samples, run: int) -> None:
     """Rows 3 and 4: downloads and uploads of ``transfer`` bytes through each server.
 
     Rounds interleave the servers, so a slow patch on a shared machine hits them all alike;
-    the run's figure for each server is the median of its rounds. The proxies' order
-    alternates every round, so each follows the direct upload and the other proxy's upload
-    equally often: a download's speed depends on the transfer before it (with one order per
-    run, whichever proxy came first had the lower download figure in every run).
+    the run's figure for each server is the median of its rounds. A download's speed depends
+    on the transfer just before it (with one order of the proxies per run, the proxy that came
+    first mostly had the lower download figure), so every timed transfer follows another, and
+    the proxies' order alternates every round: each follows the direct upload and the other
+    proxy's upload equally often.
     """
     size = bench.transfer
     landed = bench.uploads / "blob"
     proxies = bench.proxies(run)
+    direct = bench.up()
+    download(direct.port, f"/files/blob-{size}", size)  # untimed: what the first round follows
+    upload(direct.port, "/upload/blob", size, landed)
     rates: dict[str, list[float]] = defaultdict(list)
     for turn in range(TRANSFER_ROUNDS):
         order = proxies if turn % 2 == 0 else proxies[::-1]
-        for name, server in [*order, ("direct", bench.up())]:
+        for name, server in [*order, ("direct", direct)]:
             rates[f"download.{name}"].append(download(server.port, f"/files/blob-{size}", size))
             rates[f"upload.{name}"].append(upload(server.port, "/upload/blob", size, landed))
     for key, values in rates.items():
@@ -778,32 +791,44 @@ def measure_start_and_rss(bench: Bench, samples: Samples, run: int) -> None:
         finally:
             stop_process(server.proc)
         samples.add(f"startup_ms.{name}", startup_ms)
-        if name == "sparks":
-            floor = import_aiohttp_ms(bench)
-            if floor is not None:
-                samples.add("import_aiohttp_ms", floor)
+        floor = import_aiohttp_ms(bench) if name == "sparks" else None
+        if floor is not None:
+            samples.add("import_aiohttp_ms", floor)
         samples.add(f"rss_growth.{name}", growth)
         samples.add(f"rss_peak.{name}", peak)
         say(
-            f"  fresh start     {name:7} {startup_ms:8.0f} ms to first answer;"
-            f" RSS +{growth:.1f} MiB over {size_text(size)}"
+            f"  fresh start     {name:7} {startup_ms:8.0f} ms to first answer"
+            + (f" (importing aiohttp alone: {floor:.0f} ms)" if floor is not None else "")
+            + f"; RSS +{growth:.1f} MiB over {size_text(size)}"
         )
 
 
 def import_aiohttp_ms(bench: Bench) -> float | None:
-    """Milliseconds for a fresh interpreter of the proxy's venv to import aiohttp, and exit.
+    """Milliseconds from spawning a fresh interpreter of the proxy's venv to aiohttp imported.
 
-    The floor under the start-up row: the proxy cannot start before aiohttp is imported.
+    What the start-up row cannot go below: the proxy's CLI imports aiohttp the same way, with
+    garbage collection off, before it can answer anything. None if it could not be measured.
     """
     python = Path(bench.sparks_cmd).with_name("python")
     if not python.exists():
         return None
-    cmd = [str(python), "-c", "import aiohttp"]
+    code = "import gc; gc.disable(); import aiohttp; print('imported', flush=True)"
+    cmd = [str(python), "-c", code]
     if bench.lab.pin:
         cmd = ["taskset", "-c", PROXY_CORE, *cmd]  # where the proxy starts
     started = time.monotonic()
-    subprocess.run(cmd, check=True, timeout=60)
-    return (time.monotonic() - started) * 1000
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = read_line(proc.stdout, timeout=60)
+        elapsed = (time.monotonic() - started) * 1000
+    except BenchError:
+        return None
+    finally:
+        stop_process(proc)
+    return elapsed if line == "imported" else None
 
 
 def measure_cold_burst(bench: Bench, samples: Samples, run: int) -> None:
@@ -969,10 +994,11 @@ def paired_ratio(samples: Samples, key: str) -> float | None:
     """The median of each run's sparks-proxy / nginx figures.
 
     Each run measures both side by side, minutes apart at most; a ratio of the two medians
-    could pair figures from different runs, taken when the VM ran at different speeds.
+    could pair figures from different runs, taken when the VM ran at different speeds. A run
+    that measured only one of them gives no ratio.
     """
-    pairs = zip(samples.values.get(f"{key}.sparks", []), samples.values.get(f"{key}.nginx", []))
-    ratios = [sparks / nginx for sparks, nginx in pairs if nginx]
+    sparks, nginx = samples.by_run(f"{key}.sparks"), samples.by_run(f"{key}.nginx")
+    ratios = [sparks[run] / nginx[run] for run in sparks.keys() & nginx.keys() if nginx[run]]
     return statistics.median(ratios) if ratios else None
 
 
@@ -1025,7 +1051,8 @@ def context_notes(bench: Bench, samples: Samples) -> list[str]:
     floor = samples.median("import_aiohttp_ms")
     if floor is not None:
         notes.append(
-            f"start-up floor: a fresh interpreter importing aiohttp alone takes {floor:.0f} ms"
+            f"start-up floor: a fresh interpreter of the proxy's venv takes {floor:.0f} ms from"
+            " spawn to aiohttp imported (garbage collection off, as the CLI imports it)"
         )
     peaks = [samples.median(f"rss_peak.{who}") for who in ("sparks", "nginx")]
     if None not in peaks:
@@ -1141,6 +1168,7 @@ def run_all(bench: Bench) -> Samples:
     samples = Samples()
     for run in range(bench.args.runs):
         say(f"run {run + 1}/{bench.args.runs}")
+        samples.run = run
         for measure in MEASUREMENTS:
             try:
                 measure(bench, samples, run)
@@ -1197,6 +1225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rows": rows,
             "notes": notes,
             "versions": versions,
+            "import_aiohttp_ms": samples.values.get("import_aiohttp_ms", []),
         }
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
     return 0
