@@ -445,9 +445,9 @@ async def send_in_pieces(writer: asyncio.StreamWriter, data: bytes, cuts: list[i
         start = end
 
 
-def upload(body: bytes, head: bytes = b"") -> bytes:
-    """A POST of ``body`` to /up, with ``head`` among its header fields."""
-    return b"POST /up HTTP/1.1\r\nHost: p\r\n%bContent-Length: %d\r\n\r\n" % (head, len(body))
+def post_head(body: bytes, fields: bytes = b"") -> bytes:
+    """The head of a POST of ``body`` to /up, with ``fields`` among its header fields."""
+    return b"POST /up HTTP/1.1\r\nHost: p\r\n%bContent-Length: %d\r\n\r\n" % (fields, len(body))
 
 
 @pytest.mark.parametrize("length", [40_000, 1_000_000], ids=["buffered", "streamed"])
@@ -458,7 +458,7 @@ async def test_an_upload_in_pieces_then_the_next_request(
     buffers at once) reaches the upstream byte for byte; the request that follows it in the
     same read is read as a request."""
     body = os.urandom(length)
-    head = upload(body)
+    head = post_head(body)
     cuts = [len(head) + 100, len(head) + length // 3, len(head) + length // 3 + 1]
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
@@ -498,7 +498,7 @@ async def test_bytes_after_an_upload_in_pieces(
     same read or a later one, is parsed as the next requests (in order, however many), or
     answered 400 if it is not HTTP. None of it is body."""
     body = b"0123456789"
-    head = upload(body)
+    head = post_head(body)
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
         await send_in_pieces(writer, head + body + after, [len(head), len(head) + 4])
@@ -543,12 +543,12 @@ async def test_a_body_the_parser_had_whole_in_one_read(
     client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, big)
     reader, writer = await asyncio.open_connection(sock=client)
     body = os.urandom(3 * listener.READ_BUFFER)
-    first = upload(body) + body + after
+    first = post_head(body) + body + after
     try:
         writer.write(first)  # sent before the proxy, on this event loop, reads any of it
         async with asyncio.timeout(5):
             answers = [await read_response(reader) for _ in range(2 if after else 1)]
-            writer.write(upload(b"abc") + b"abc")
+            writer.write(post_head(b"abc") + b"abc")
             answers.append(await read_response(reader))
     finally:
         writer.close()
@@ -568,7 +568,7 @@ async def test_a_client_gone_in_the_middle_of_an_upload_in_pieces(
     """A body cut short after the parser was left behind never reaches the upstream as a
     whole request, and the proxy serves on."""
     body = os.urandom(length)
-    head = upload(body)
+    head = post_head(body)
     _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     await send_in_pieces(writer, head + body[: length // 2], [len(head) + 10, len(head) + 20])
     writer.transport.abort()
@@ -586,7 +586,7 @@ async def test_an_upgrade_request_body_is_read_by_the_parser(
     """After an upgrade request the parser decides what the next bytes are: its body is not
     read around it, and what follows is never served as a request."""
     body = b"0123456789"
-    head = upload(body, b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    head = post_head(body, b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     try:
         await send_in_pieces(writer, head + body + AFTER, [len(head), len(head) + 4])
