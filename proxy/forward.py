@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from aiohttp import hdrs
 from aiohttp.http_parser import RawResponseMessage
 
 from .bodies import StreamedBody, expects_continue, read_whole
@@ -140,7 +141,8 @@ class Forwarder:
         connection is idle: then no task is needed until the answer is in (see :meth:`finish`).
         None means nothing was done.
         """
-        if request.body_exists or request.content_length is not None:
+        # A declared length, even 0, goes the full way: it is sent on with the request.
+        if request.body_exists or hdrs.CONTENT_LENGTH in request.headers:
             return None
         token = self._tokens.current()
         if token is None:
@@ -321,14 +323,14 @@ class Forwarder:
 
     def _client_block(self, request: Request, message: RawResponseMessage) -> bytes:
         """The answer's header block for the client."""
-        host = request.headers.get("Host")
+        host = request.headers.get(hdrs.HOST)
         block = downstream_response_headers(
             message.headers,
             message.raw_headers,
             location=self._location,
             proxy_origin=f"{request.scheme}://{host}" if host else None,
         )
-        if "Date" not in message.headers:
+        if hdrs.DATE not in message.headers:
             block += b"Date: %s\r\n" % http_date().encode()  # RFC 9110 6.6.1: a recipient adds it
         return block
 

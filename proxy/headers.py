@@ -9,10 +9,11 @@ fields (several ``Set-Cookie``) are kept.
 from __future__ import annotations
 
 import functools
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 from urllib.parse import urlsplit
 
+from aiohttp import hdrs
 from multidict import CIMultiDictProxy
 
 HOP_BY_HOP = frozenset(
@@ -52,13 +53,13 @@ def declared_length(headers: CIMultiDictProxy[str]) -> int | None:
     The parser has rejected anything but one field of digits, so this reads what it framed the
     body by.
     """
-    value = headers.get("Content-Length")
+    value = headers.get(hdrs.CONTENT_LENGTH)  # an istr: no lower-casing per lookup
     return int(value) if value is not None and value.isdigit() else None
 
 
 def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
     """Lower-cased field names listed in ``Connection`` (they are hop-by-hop too)."""
-    values = headers.getall("Connection", ())
+    values = headers.getall(hdrs.CONNECTION, ())
     if not values:
         return frozenset()
     if len(values) == 1 and len(values[0]) <= 64:
@@ -159,10 +160,9 @@ class HeaderMemo(Generic[V]):
 
     def __init__(self) -> None:
         self._results: dict[Hashable, V] = {}
-
-    def get(self, key: Hashable) -> V | None:
-        """The result remembered for ``key``, if any."""
-        return self._results.get(key)
+        # The dict's own get, bound once: a lookup per request costs no Python call of ours.
+        self.get: Callable[[Hashable], V | None] = self._results.get
+        """The result remembered for a key, if any."""
 
     def remember(self, key: Hashable, raw_headers: RawHeaders, result: V) -> None:
         """Remember ``result`` for ``key``, whose header list is ``raw_headers``."""

@@ -16,6 +16,7 @@ from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
+from aiohttp import hdrs
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from multidict import CIMultiDictProxy
@@ -44,7 +45,18 @@ class Answer:
 class Request:
     """One client request as parsed: method, target, headers, and the body as a stream."""
 
-    __slots__ = ("_connection", "_message", "content", "remote", "reply")
+    __slots__ = (
+        "_connection",
+        "body_exists",
+        "content",
+        "headers",
+        "method",
+        "raw_headers",
+        "raw_path",
+        "remote",
+        "reply",
+        "version",
+    )
 
     scheme = "http"
     """The listener speaks plain HTTP on loopback (or in the pod); TLS ends before it."""
@@ -57,52 +69,35 @@ class Request:
         remote: str | None,
     ) -> None:
         self._connection = connection
-        self._message = message
+        # Plain attributes, not properties over the message: each is read several times per
+        # request on the hot path, and a property costs a call each time.
+        self.method: str = message.method
+        """The method, as sent."""
+        self.version: tuple[int, int] = message.version
+        """The HTTP version, e.g. ``(1, 1)``."""
+        self.raw_path: str = message.path
+        """The request target exactly as sent (origin form, or absolute form)."""
+        self.headers: CIMultiDictProxy[str] = message.headers
+        """The header fields, repeats kept, in order."""
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = message.raw_headers
+        """The header fields as bytes, as received."""
         self.content = content
         """The body, as the parser de-frames it (Content-Length or chunked)."""
+        self.body_exists = content is not EMPTY_PAYLOAD
+        """Whether the request has a body (a Content-Length or chunked framing)."""
         self.remote = remote
         """The client's address."""
         self.reply = Reply(connection, message)
 
     @property
-    def method(self) -> str:
-        """The method, as sent."""
-        return self._message.method
-
-    @property
-    def version(self) -> tuple[int, int]:
-        """The HTTP version, e.g. ``(1, 1)``."""
-        return self._message.version
-
-    @property
-    def raw_path(self) -> str:
-        """The request target exactly as sent (origin form, or absolute form)."""
-        return self._message.path
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The header fields, repeats kept, in order."""
-        return self._message.headers
-
-    @property
-    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """The header fields as bytes, as received."""
-        return self._message.raw_headers
-
-    @property
     def content_length(self) -> int | None:
         """The declared body length, if any (the parser has checked it is a number)."""
-        return declared_length(self._message.headers)
-
-    @property
-    def body_exists(self) -> bool:
-        """Whether the request has a body (a Content-Length or chunked framing)."""
-        return self.content is not EMPTY_PAYLOAD
+        return declared_length(self.headers)
 
     @property
     def content_type(self) -> str:
         """The media type of the body, lower-cased, without parameters."""
-        return self._message.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        return self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
 
     def send_continue(self) -> None:
         """Tell a client that sent ``Expect: 100-continue`` to send its body."""
@@ -188,11 +183,11 @@ class Reply:
             not message.should_close
             and not self.close
             and not self._connection.closing
-            and "Upgrade" not in message.headers
+            and hdrs.UPGRADE not in message.headers
         )
         # HTTP/1.1 whatever the request said (RFC 9112 2.5), as nginx answers. The reason was
         # checked to be printable ASCII; the block holds the bytes the fields arrived as.
-        lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()), block]
+        lines = [_status_line(status, reason), block]
         if status in _NO_BODY_STATUS:
             pass  # these never carry a length (RFC 9110 8.6)
         elif length is not None:
@@ -212,6 +207,11 @@ class Reply:
                 lines.append(b"Connection: close\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
+
+
+@functools.lru_cache(maxsize=64)
+def _status_line(status: int, reason: str) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason.encode())
 
 
 def http_date() -> str:

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from aiohttp import hdrs
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
@@ -122,7 +123,7 @@ class Route:
 
 def _keep_alive_timeout(message: RawResponseMessage) -> float | None:
     """The idle timeout in an answer's ``Keep-Alive: timeout=N``, if any."""
-    value = message.headers.get("Keep-Alive")
+    value = message.headers.get(hdrs.KEEP_ALIVE)
     if value is None:
         return None
     for part in value.split(","):
@@ -149,7 +150,7 @@ class UpstreamResponse:
     answer was read to its end goes back to the pool, any other is closed.
     """
 
-    __slots__ = ("_connection", "content", "content_length", "message")
+    __slots__ = ("_connection", "content", "content_length", "message", "status")
 
     def __init__(
         self,
@@ -160,14 +161,11 @@ class UpstreamResponse:
     ) -> None:
         self._connection = connection
         self.message = message
+        self.status: int = message.code
+        """The status code."""
         self.content = content
         self.content_length = content_length
         """The announced ``Content-Length``, if any."""
-
-    @property
-    def status(self) -> int:
-        """The status code."""
-        return self.message.code
 
     async def read(self) -> bytes:
         """The whole body (for answers known to be small)."""
