@@ -414,7 +414,7 @@ class UpstreamConnection(BaseProtocol):
         super().__init__(loop)
         self._pool = pool
         self._read_timeout = read_timeout
-        self._reader = self._parser = self._new_parser(with_body=True)
+        self._use_new_parser(with_body=True)
         self._head_parser = False  # whether the parser skips bodies (after a HEAD request)
         self._answer: asyncio.Future[UpstreamResponse] | None = None
         self._body: StreamReader | None = None
@@ -432,8 +432,8 @@ class UpstreamConnection(BaseProtocol):
         self._tunnel_head = b""
         self._body_length = 0  # of the body being read, when it bypasses the parser
 
-    def _new_parser(self, *, with_body: bool) -> HttpResponseParser:
-        return HttpResponseParser(
+    def _use_new_parser(self, *, with_body: bool) -> None:
+        self._reader = self._parser = HttpResponseParser(
             self,
             self._loop,
             READ_BUFFER,
@@ -442,6 +442,7 @@ class UpstreamConnection(BaseProtocol):
             read_until_eof=True,
             auto_decompress=False,  # bodies pass through as sent
         )
+        self._parser_paused = False  # see resume_reading
 
     def usable(self) -> bool:
         """Whether an idle connection can carry another exchange."""
@@ -462,7 +463,7 @@ class UpstreamConnection(BaseProtocol):
         self._received = False
         if (method == "HEAD") != self._head_parser:
             self._head_parser = method == "HEAD"
-            self._reader = self._parser = self._new_parser(with_body=not self._head_parser)
+            self._use_new_parser(with_body=not self._head_parser)
         answer: asyncio.Future[UpstreamResponse] = self._loop.create_future()
         self._answer = answer
         if body is None or isinstance(body, bytes):
@@ -620,13 +621,31 @@ class UpstreamConnection(BaseProtocol):
         if after is None:
             return
         self._body_length = 0  # also when a failed body dropped its on_eof callbacks
-        self._reader = self._parser = self._new_parser(with_body=True)
+        self._use_new_parser(with_body=True)
         if after:
             self.data_received(after)
 
     def _body_done(self) -> None:
         self._body_length = 0
         self._stop_timer()
+
+    def pause_reading(self) -> None:
+        """Pause reading while a body reader's buffer is full (noted for resume_reading)."""
+        self._parser_paused = True
+        super().pause_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """Undo a body reader's pause; nothing to do while this parser was never paused.
+
+        aiohttp's body reader calls this after every read that leaves its buffer low and at
+        every body's end, paused or not, and the base class then parses an empty read (all of
+        ``data_received``) and resumes the transport: twice per small answer. Only a parser
+        that was paused can need it. Such a parser keeps a pause of its own that outlasts the
+        reader's (a body of more than 4,096 small chunks leaves it so), and holds back the
+        bytes after its next body chunk until it is resumed through.
+        """
+        if self._parser_paused or self._reading_paused:
+            super().resume_reading(resume_parser)
 
     def eof_received(self) -> bool:
         """Let the transport close: an upstream that half-closes is done."""

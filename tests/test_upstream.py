@@ -210,6 +210,33 @@ async def test_bytes_after_a_body_that_came_in_pieces(
     assert ends[0] == len(extra)  # what followed the body in that read was not taken as body
 
 
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+MANY_CHUNKS = b"1\r\nx\r\n" * 4097  # past the 4,096 unread chunks a body reader holds
+
+
+@pytest.mark.parametrize(
+    ("answer", "body"),
+    [
+        (CHUNKED + MANY_CHUNKS + b"0\r\n\r\n", b"x" * 4097),
+        (CHUNKED + MANY_CHUNKS + b"4\r\nlast\r\n0\r\n\r\n", b"x" * 4097 + b"last"),
+    ],
+    ids=["ends-in-the-same-read", "goes-on-in-a-later-read"],
+)
+async def test_an_answer_in_more_chunks_than_a_reader_holds(
+    token_server: StandInTokenServer, answer: bytes, body: bytes
+) -> None:
+    """So many small chunks pause reading. Once the client has taken them, the rest of that
+    answer and the next answer on the same connection come through: aiohttp's parser keeps a
+    pause of its own, which outlasts the reader's and is undone only by resuming through it."""
+    cut = len(CHUNKED) + len(MANY_CHUNKS)
+    respond = in_turn(in_pieces(answer, [cut]), canned(OK))
+    async with proxy_in_front_of(token_server, respond) as (raw, proxy):
+        many, after = await two_gets(proxy.port)
+    assert (many.status, many.body) == (200, body)
+    assert (after.status, after.body) == (200, b"ok")
+    assert raw.connections == 1
+
+
 async def test_bytes_after_a_body_in_a_later_read(token_server: StandInTokenServer) -> None:
     """Bytes that come after the body has ended, in a read of their own while the connection
     is idle, close it (nothing was asked); the next request goes on a new one."""
