@@ -276,17 +276,25 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def cpu_ticks() -> list[int]:
+    """All cores' time so far, by kind: user, nice, system, idle, iowait, irq, softirq, steal..."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def machine_busy(seconds: float = 1.0) -> float:
     """Per cent of all cores busy over the next ``seconds`` (from /proc/stat)."""
-
-    def sample() -> tuple[int, int]:
-        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
-
-    total, idle = sample()
+    before = cpu_ticks()
     time.sleep(seconds)
-    total2, idle2 = sample()
-    return 100.0 * (1 - (idle2 - idle) / max(total2 - total, 1))
+    after = cpu_ticks()
+    idle = (after[3] + after[4]) - (before[3] + before[4])  # idle + iowait
+    return 100.0 * (1 - idle / max(sum(after) - sum(before), 1))
+
+
+def stolen_share(before: list[int], after: list[int]) -> float | None:
+    """Per cent of all cores' time between two ``cpu_ticks()`` that the hypervisor took."""
+    if len(before) < 8 or len(after) < 8:
+        return None  # a kernel that does not count steal time
+    return 100.0 * (after[7] - before[7]) / max(sum(after) - sum(before), 1)
 
 
 def children_of(pid: int) -> list[int]:
@@ -412,6 +420,7 @@ class Bench:
     sparks: Running | None = None
     notes: set[str] = field(default_factory=set)
     busy_before: float = 0.0
+    ticks_at_start: list[int] = field(default_factory=cpu_ticks)
 
     @property
     def transfer(self) -> int:
@@ -1068,6 +1077,11 @@ def context_notes(bench: Bench, samples: Samples) -> list[str]:
     before = bench.busy_before
     other = " (other work on the machine: expect noisier figures)" if before > BUSY_BEFORE else ""
     notes.append(f"CPU busy in the second before the run: {before:.0f}% of all cores{other}")
+    stolen = stolen_share(bench.ticks_at_start, cpu_ticks())
+    if stolen is not None:
+        # A VM's host may run other guests on its cores: time taken so slows everything
+        # measured here, unevenly, and is the usual cause of a wide run-to-run spread.
+        notes.append(f"CPU time taken by the hypervisor during the run (steal): {stolen:.0f}%")
     notes.append(
         "pinning: proxies on core 0; upstream nginx, token server, wrk and client on core 1"
         if bench.lab.pin
