@@ -215,21 +215,20 @@ MANY_CHUNKS = b"1\r\nx\r\n" * 4097  # past the 4,096 unread chunks a body reader
 
 
 @pytest.mark.parametrize(
-    ("answer", "body"),
+    ("rest", "cuts", "body"),
     [
-        (CHUNKED + MANY_CHUNKS + b"0\r\n\r\n", b"x" * 4097),
-        (CHUNKED + MANY_CHUNKS + b"4\r\nlast\r\n0\r\n\r\n", b"x" * 4097 + b"last"),
+        (b"0\r\n\r\n", [], b"x" * 4097),
+        (b"4\r\nlast\r\n0\r\n\r\n", [len(CHUNKED) + len(MANY_CHUNKS)], b"x" * 4097 + b"last"),
     ],
-    ids=["ends-in-the-same-read", "goes-on-in-a-later-read"],
+    ids=["all-in-one-read", "the-rest-in-a-later-read"],
 )
 async def test_an_answer_in_more_chunks_than_a_reader_holds(
-    token_server: StandInTokenServer, answer: bytes, body: bytes
+    token_server: StandInTokenServer, rest: bytes, cuts: list[int], body: bytes
 ) -> None:
     """So many small chunks pause reading. Once the client has taken them, the rest of that
     answer and the next answer on the same connection come through: aiohttp's parser keeps a
     pause of its own, which outlasts the reader's and is undone only by resuming through it."""
-    cut = len(CHUNKED) + len(MANY_CHUNKS)
-    respond = in_turn(in_pieces(answer, [cut]), canned(OK))
+    respond = in_turn(in_pieces(CHUNKED + MANY_CHUNKS + rest, cuts), canned(OK))
     async with proxy_in_front_of(token_server, respond) as (raw, proxy):
         many, after = await two_gets(proxy.port)
     assert (many.status, many.body) == (200, body)
