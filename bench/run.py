@@ -910,6 +910,8 @@ class Goal:
     text: str
     met: Callable[[float | None, float | None], bool]
     """(sparks-proxy figure, ratio) -> target reached."""
+    ratio_bound: float | None = None
+    """The ratio the target names, for a target on the ratio."""
 
 
 @dataclass(frozen=True)
@@ -925,7 +927,7 @@ class RowSpec:
 
 def ratio_at_least(bound: float) -> Goal:
     """A target on the ratio to nginx."""
-    return Goal(f">= {bound:.2f}", lambda _s, r: r is not None and r >= bound)
+    return Goal(f">= {bound:.2f}", lambda _s, r: r is not None and r >= bound, bound)
 
 
 def figure_at_most(bound: float, unit: str = "") -> Goal:
@@ -985,6 +987,7 @@ def build_rows(bench: Bench, samples: Samples) -> list[dict[str, Any]]:
                 "sparks_proxy": sparks,
                 "nginx": nginx,
                 "ratio": ratio,
+                "ratio_digits": shown_digits(ratio, 2, spec.goal and spec.goal.ratio_bound),
                 "target": spec.goal.text if spec.goal else "-",
                 "met": spec.goal.met(sparks, ratio) if spec.goal and sparks is not None else None,
                 "digits": spec.digits,
@@ -1011,6 +1014,16 @@ def paired_ratio(samples: Samples, key: str) -> float | None:
     return statistics.median(ratios) if ratios else None
 
 
+def shown_digits(value: float | None, digits: int, bound: float | None) -> int:
+    """``digits``, or more where rounding would land on ``bound`` and hide which side of it
+    ``value`` is (0.896 against ">= 0.90" would read "0.90 NO")."""
+    if value is None or bound is None or value == bound:
+        return digits
+    while digits < 6 and round(value, digits) == bound:
+        digits += 1
+    return digits
+
+
 def cell(value: float | None, digits: int) -> str:
     """A figure as shown in the table."""
     return "-" if value is None else f"{value:,.{digits}f}"
@@ -1030,7 +1043,8 @@ def render(bench: Bench, rows: list[dict[str, Any]], cores: int) -> str:
         met = {True: "yes", False: "NO", None: "-"}[row["met"]]
         lines.append(
             f"{row['measure']:38}{cell(row['sparks_proxy'], row['digits']):>14}"
-            f"{cell(row['nginx'], row['digits']):>11}{cell(row['ratio'], 2):>9}   "
+            f"{cell(row['nginx'], row['digits']):>11}"
+            f"{cell(row['ratio'], row['ratio_digits']):>9}   "
             f"{row['target']:12}{met}"
         )
     return "\n".join(lines)
