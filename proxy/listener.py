@@ -140,8 +140,7 @@ class ClientConnection(BaseProtocol):
         super().__init__(asyncio.get_running_loop())
         self._listener = listener
         self._limits = listener.limits
-        # BaseProtocol pauses the parser as _parser; _reader is the same one, with its type.
-        self._reader = self._parser = self._new_parser()
+        self._use_new_parser()
         self._queue: collections.deque[tuple[RawRequestMessage | Exception, StreamReader]] = (
             collections.deque()
         )
@@ -159,9 +158,10 @@ class ClientConnection(BaseProtocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since: float | None = None
 
-    def _new_parser(self) -> HttpRequestParser:
+    def _use_new_parser(self) -> None:
+        # BaseProtocol pauses the parser as _parser; _reader is the same one, with its type.
         limits = self._limits
-        return HttpRequestParser(
+        self._reader = self._parser = HttpRequestParser(
             self,
             self._loop,
             READ_BUFFER,
@@ -262,7 +262,7 @@ class ClientConnection(BaseProtocol):
         if after is None:
             return
         self._body_length = 0  # also when a failed body (a stall) dropped its on_eof callbacks
-        self._reader = self._parser = self._new_parser()
+        self._use_new_parser()
         if after:
             self.data_received(after)
 
