@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
+import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
@@ -34,6 +38,42 @@ class HasUrl(Protocol):
     @property
     def url(self) -> str:
         """``http://127.0.0.1:<port>``."""
+
+
+@functools.cache
+def _ports_outside_ephemeral_range() -> list[int]:
+    """Ports from 10000 up that the kernel never picks on its own (Linux: 32768-60999)."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
+        first, last = (int(field) for field in text.split())
+    except (OSError, ValueError):
+        first, last = 32768, 60999
+    return [port for port in range(10000, 65536) if not first <= port <= last]
+
+
+_PORTS_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and that only an explicit bind can take.
+
+    A subprocess binds the port a moment later. A port from ``bind(0)`` would come from the
+    ephemeral range, where the kernel also picks the local port of every outgoing connection,
+    so a connection of the test's own (a proxy's to redis, say) could take it in that moment.
+    Ports outside the range are never picked that way, and none is handed out twice.
+    """
+    candidates = _ports_outside_ephemeral_range()
+    for port in random.sample(candidates, min(len(candidates), 500)):
+        if port in _PORTS_HANDED_OUT:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_HANDED_OUT.add(port)
+        return port
+    raise AssertionError("no free port found outside the ephemeral range")
 
 
 def make_settings(

@@ -25,6 +25,8 @@ import pytest
 
 from proxy.standins import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 
+from .support import free_port
+
 RUN_TIMEOUT = 20.0
 """Longest any one CLI run may take before the test fails (and the process is killed)."""
 READY_TIMEOUT = 10.0
@@ -71,13 +73,6 @@ def auth_config(
         """
         + textwrap.dedent(extra),
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_cli_sync(

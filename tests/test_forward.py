@@ -6,7 +6,6 @@ import asyncio
 import gzip
 import hashlib
 import json
-import socket
 from urllib.parse import quote
 
 import aiohttp
@@ -17,7 +16,7 @@ from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
 
 from .rawhttp import RawRequest, RawUpstream, Responder, canned, exchange, read_response
-from .support import ProxyFactory, make_settings, proxy_in_front_of, wait_ready
+from .support import ProxyFactory, free_port, make_settings, proxy_in_front_of, wait_ready
 
 
 def get(path: str, *headers: str, method: str = "GET", body: bytes = b"") -> bytes:
@@ -410,7 +409,7 @@ async def test_unreachable_upstream_is_a_fast_502(
     token_server: StandInTokenServer, upstream: StandInUpstream
 ) -> None:
     """A refused connection answers 502 JSON with the proxy's marker, well within the timeout."""
-    closed = _closed_port()
+    closed = free_port()  # nothing listens there
     settings = make_settings(token_server, upstream, upstream={"url": f"http://127.0.0.1:{closed}"})
     async with Proxy(settings) as proxy:
         await wait_ready(proxy)
@@ -556,12 +555,3 @@ async def test_a_persistent_401_costs_one_retry_per_request_at_most(
     assert len(upstream.received) == 3  # the first request retried once; the second not at all
     assert token_server.issued[0] == original
     assert len(token_server.issued) == 2
-
-
-# --- helpers -----------------------------------------------------------------------------------
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -27,8 +27,8 @@ from proxy.errors import ConfigError
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 
-from .support import assert_one_token_served, get_statuses, make_settings, wait_for
-from .test_cli import auth_config, cli_env, cli_process, free_port, run_cli, wait_ready
+from .support import assert_one_token_served, free_port, get_statuses, make_settings, wait_for
+from .test_cli import auth_config, cli_env, cli_process, run_cli, wait_ready
 
 
 class RedisServer:

@@ -9,14 +9,13 @@ from pathlib import Path
 
 from proxy.standins import StandInTokenServer, StandInUpstream
 
-from .support import get_statuses
+from .support import free_port, get_statuses
 from .test_cli import (
     api,
     auth_config,
     cli_env,
     cli_process,
     finish,
-    free_port,
     issuer,
     poll,
     wait_ready,
