@@ -42,13 +42,15 @@ class HasUrl(Protocol):
 
 @functools.cache
 def _ports_outside_ephemeral_range() -> list[int]:
-    """Ports from 10000 up that the kernel never picks on its own (Linux: 32768-60999)."""
+    """Ports from 10000 up that the kernel never picks on its own (Linux: 32768-60999); all of
+    them if the range leaves none out."""
     try:
         text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
         first, last = (int(field) for field in text.split())
     except (OSError, ValueError):
         first, last = 32768, 60999
-    return [port for port in range(10000, 65536) if not first <= port <= last]
+    ports = range(10000, 65536)
+    return [port for port in ports if not first <= port <= last] or list(ports)
 
 
 _PORTS_HANDED_OUT: set[int] = set()

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from proxy.admin import PLACEHOLDER_TOKEN
-from proxy.app import TOKENS
+from proxy.app import LIFECYCLE, TOKENS
 from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
@@ -34,7 +34,7 @@ async def test_readyz_follows_the_token(
     """503 with the reason while no token is held, 200 once one is."""
     token_server.failures = ["500"]
     async with start_proxy() as proxy:
-        await wait_for(lambda: len(token_server.requests) == 1)
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
         async with client.get(proxy.url + "/-/readyz") as response:
             before = (response.status, await response.json())
         await wait_for(lambda: len(token_server.issued) == 1, timeout=5)
@@ -173,10 +173,10 @@ async def test_readiness_fails_first_during_a_drain(
     start_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:
     """With a drain delay, /-/readyz answers 503 while the listener still accepts."""
-    async with start_proxy(server={"drain_delay": 1.0}) as proxy:
+    async with start_proxy(server={"drain_delay": 2.0}) as proxy:
         await wait_for(lambda: proxy.app[TOKENS].current() is not None)
         stopping = asyncio.create_task(proxy.stop())
-        await asyncio.sleep(0.2)
+        await wait_for(lambda: proxy.app[LIFECYCLE].draining)
         async with client.get(proxy.url + "/-/readyz") as ready:
             body = await ready.json()
             assert ready.status == 503

@@ -11,6 +11,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from proxy import tokens
 from proxy.errors import ERROR_HEADER
 from proxy.server import Proxy
 from proxy.standins import StandInTokenServer, StandInUpstream
@@ -444,18 +445,19 @@ async def test_read_timeout_is_between_bytes_not_a_transfer_cap(
     """A body that keeps flowing for longer than read_timeout is never cut off."""
 
     async def trickle(request: RawRequest, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
-        for _ in range(10):
+        # 1.5 s in all, 0.1 s apart: a stall of the loop under 0.9 s is not a silent upstream.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n")
+        for _ in range(15):
             await asyncio.sleep(0.1)
             writer.write(b"x")
             await writer.drain()
 
     async with (
-        proxy_in_front_of(token_server, trickle, upstream={"read_timeout": 0.3}) as (_, proxy),
+        proxy_in_front_of(token_server, trickle, upstream={"read_timeout": 1.0}) as (_, proxy),
         client.get(proxy.url + "/trickle") as response,
     ):
         body = await response.read()
-    assert body == b"x" * 10
+    assert body == b"x" * 15
 
 
 async def _stall_mid_body(request: RawRequest, writer: asyncio.StreamWriter) -> None:
@@ -542,9 +544,15 @@ async def test_403_is_not_retried(
 
 
 async def test_a_persistent_401_costs_one_retry_per_request_at_most(
-    proxy: Proxy, upstream: StandInUpstream, token_server: StandInTokenServer
+    proxy: Proxy,
+    upstream: StandInUpstream,
+    token_server: StandInTokenServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """When the upstream rejects every token, the client gets the 401 after one retry."""
+    # The replacement is held for 30 s, not 1: the second request, however late it comes on a
+    # busy machine, still finds it too young to replace.
+    monkeypatch.setattr(tokens, "REPLACE_HOLD_OFF", 30.0)
     await asyncio.sleep(1.05)
     upstream.reject_all = True
     original = token_server.issued[0]

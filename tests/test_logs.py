@@ -105,7 +105,7 @@ async def test_debug_logs_of_a_whole_session_hold_no_secret(
     buffer = configure_logs(format="json", level="debug")
     token_server.failures = ["invalid_client"]
     async with start_proxy(auth={"max_backoff": 1.0}) as proxy:
-        await wait_ready(proxy, timeout=3)
+        await wait_ready(proxy, timeout=5)
         for request in (
             b"GET /a HTTP/1.1\r\nHost: p\r\nAuthorization: Bearer client-token-xyz\r\n\r\n",
             b"GET /status/500 HTTP/1.1\r\nHost: p\r\n\r\n",

@@ -70,16 +70,17 @@ async def test_refresh_happens_before_expiry_without_making_requests_wait(
     token_server.delay = 0.5  # the refresh is in flight this long
     async with start_proxy(auth={"refresh_margin": 1.5}) as proxy:
         await wait_ready(proxy)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         during_refresh = []  # the token upstream saw on each exchange made while refreshing
-        while loop.time() - started < 2.0:
-            refreshing = len(token_server.requests) > len(token_server.issued)
-            response = await exchange(proxy.port, GET)
-            assert response.status == 200
-            if refreshing and len(token_server.requests) > len(token_server.issued):
-                during_refresh.append(upstream.received[-1].header("Authorization")[0])
-            await asyncio.sleep(0.02)
+        after_refresh = 0  # exchanges made once the second token was issued
+        async with asyncio.timeout(5):
+            while after_refresh < 3:
+                refreshing = len(token_server.requests) > len(token_server.issued)
+                response = await exchange(proxy.port, GET)
+                assert response.status == 200
+                if refreshing and len(token_server.requests) > len(token_server.issued):
+                    during_refresh.append(upstream.received[-1].header("Authorization")[0])
+                after_refresh += len(token_server.issued) == 2
+                await asyncio.sleep(0.02)
     # The first token (sent at about -0.5 s) expires at ~2.5 s: refreshed at ~0.85-1.0 s and
     # in hand at ~1.35-1.5 s; the second one's refresh would start after 2.2 s.
     assert len(token_server.issued) == 2
@@ -125,17 +126,20 @@ async def test_held_token_keeps_serving_while_the_endpoint_fails(
     upstream: StandInUpstream,
 ) -> None:
     """Refresh failures do not touch requests while the held token is valid; never expired."""
-    token_server.expires_in = 2
-    async with start_proxy() as proxy:
+    token_server.expires_in = 3
+    async with start_proxy(auth={"refresh_margin": 1.5}) as proxy:
         await wait_ready(proxy)
-        token = proxy.app[TOKENS].current()
+        tokens = proxy.app[TOKENS]
+        token = tokens.current()
         assert token is not None
         token_server.fail_always = "reset"
         statuses = []
-        while token.remaining() > 0.05:
+        # Refresh is tried at 1.5-1.65 s before expiry; the last request here starts 0.5 s
+        # before it, time enough on a busy machine to be served with the token.
+        while token.remaining() > 0.5:
             statuses.append((await exchange(proxy.port, GET)).status)
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.1)
+        await wait_for(lambda: tokens.current() is None)
         after = await exchange(proxy.port, GET)
     assert set(statuses) == {200}
     assert len(token_server.requests) >= 2  # the refresh was tried
@@ -247,7 +251,7 @@ async def test_secret_file_is_reread_so_rotation_needs_no_restart(
         assert proxy.app[TOKENS].current() is None
         with open(secret_file, "w") as fh:
             fh.write(DEMO_CLIENT_SECRET + "\n")  # trailing newline, as Secrets often have
-        await wait_ready(proxy, timeout=3)
+        await wait_ready(proxy, timeout=5)
     assert [r.fields.get("client_secret") for r in token_server.requests][-1] == DEMO_CLIENT_SECRET
 
 
@@ -261,7 +265,7 @@ async def test_token_cache_file_survives_a_restart(
         await wait_ready(proxy)
         await wait_for(lambda: os.path.exists(cache))
     async with Proxy(settings) as proxy:
-        await wait_ready(proxy, timeout=1)
+        await wait_ready(proxy, timeout=5)  # a read, not a fetch: issued stays 1
         response = await exchange(proxy.port, GET)
     assert response.status == 200
     assert len(token_server.issued) == 1
@@ -467,11 +471,20 @@ async def test_refresh_does_not_spin_on_its_own_shared_token(
     )
     async with Proxy(settings) as proxy:
         await wait_ready(proxy)
-        await asyncio.sleep(3.5)
-        token = proxy.app[TOKENS].current()
-    assert len(token_server.issued) == 2
-    assert token is not None
-    assert token.value == token_server.issued[1]
+        tokens = proxy.app[TOKENS]
+
+        def holds_the_second() -> bool:
+            token = tokens.current()
+            return (
+                len(token_server.issued) == 2
+                and token is not None
+                and (token.value == token_server.issued[1])
+            )
+
+        # The refresh is due at ~2.7 s; one that re-read its own token would never get here.
+        await wait_for(holds_the_second, timeout=6)
+        await asyncio.sleep(0.5)
+    assert len(token_server.issued) == 2  # and no third, right after
 
 
 async def test_a_rejected_token_is_never_taken_back_from_the_shared_file(
@@ -509,7 +522,7 @@ async def test_waiting_on_a_hung_lock_holder_takes_the_token_it_stored(
             stored = Token(value="stored.by.the.holder", expires_at=time.monotonic() + 3600,
                            lifetime=3600)  # fmt: skip
             await FileTokenStore(str(cache), CredentialIdentity.of(settings.auth)).save(stored)
-            await wait_ready(proxy, timeout=2)
+            await wait_ready(proxy, timeout=5)  # well before the lock wait (10 s) ends
             token = proxy.app[TOKENS].current()
     assert token is not None
     assert token.value == "stored.by.the.holder"

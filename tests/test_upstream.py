@@ -328,11 +328,11 @@ async def test_a_connection_idle_too_long_is_not_used_again(
     token_server: StandInTokenServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A pooled connection unused for IDLE_LIFETIME is closed rather than risked."""
-    monkeypatch.setattr(upstream_pool, "IDLE_LIFETIME", 0.3)
+    monkeypatch.setattr(upstream_pool, "IDLE_LIFETIME", 1.0)
     async with proxy_in_front_of(token_server) as (raw, proxy):
         await exchange(proxy.port, GET)
         await exchange(proxy.port, GET)  # within the lifetime: same connection
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(1.2)
         late = await exchange(proxy.port, GET)
     assert late.status == 200
     assert raw.connections == 2
@@ -343,11 +343,11 @@ async def test_the_upstreams_keep_alive_timeout_is_respected(
 ) -> None:
     """``Keep-Alive: timeout=N`` from the upstream: a connection is not reused in the last
     second before the upstream would close it."""
-    answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=1.5\r\nContent-Length: 2\r\n\r\nok"
+    answer = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=3\r\nContent-Length: 2\r\n\r\nok"
     async with proxy_in_front_of(token_server, canned(answer)) as (raw, proxy):
         await exchange(proxy.port, GET)
         await exchange(proxy.port, GET)  # at once: the same connection
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(2.2)
         late = await exchange(proxy.port, GET)
     assert (late.status, late.body) == (200, b"ok")
     assert raw.connections == 2
@@ -450,10 +450,11 @@ async def test_a_client_that_hangs_up_frees_the_upstream_connection(
 ) -> None:
     """A request abandoned while the upstream thinks closes that upstream connection: it
     cannot carry the late answer to someone else, and it does not linger open."""
-    closed = asyncio.Event()
+    asked, closed = asyncio.Event(), asyncio.Event()
 
     async def think_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
+        asked.set()
         await reader.read()  # returns at EOF: when the proxy closes its side
         closed.set()
         writer.close()
@@ -462,7 +463,8 @@ async def test_a_client_that_hangs_up_frees_the_upstream_connection(
         _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         writer.write(GET)
         await writer.drain()
-        await asyncio.sleep(0.2)
+        async with asyncio.timeout(5):
+            await asked.wait()
         writer.close()
         async with asyncio.timeout(5):
             await closed.wait()
