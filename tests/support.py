@@ -41,16 +41,16 @@ class HasUrl(Protocol):
 
 
 @functools.cache
-def _ports_outside_ephemeral_range() -> list[int]:
-    """Ports from 10000 up that the kernel never picks on its own (Linux: 32768-60999); all of
-    them if the range leaves none out."""
+def _ports_outside_ephemeral_range() -> tuple[int, ...]:
+    """Ports from 10000 up that the kernel never picks on its own: all but its ephemeral range
+    (Linux's default: 32768-60999). All of them if that range covers them all."""
     try:
         text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text(encoding="ascii")
         first, last = (int(field) for field in text.split())
     except (OSError, ValueError):
         first, last = 32768, 60999
     ports = range(10000, 65536)
-    return [port for port in ports if not first <= port <= last] or list(ports)
+    return tuple(port for port in ports if not first <= port <= last) or tuple(ports)
 
 
 _PORTS_HANDED_OUT: set[int] = set()

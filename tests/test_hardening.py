@@ -428,7 +428,7 @@ async def test_a_body_that_keeps_coming_is_not_cut_off(
     start_proxy: ProxyFactory, upstream: StandInUpstream, length: int
 ) -> None:
     """body_timeout bounds each wait for the next bytes, not the whole body: one that trickles
-    in, every piece well within it, arrives whole though it takes several body_timeouts."""
+    in, every piece well within it, arrives whole though it takes longer than body_timeout."""
     body = os.urandom(length)
     # 16 pieces 0.1 s apart take 1.6 s: longer than the timeout, and a stall of the loop
     # shorter than 0.9 s (a busy machine) still cannot look like the client's.

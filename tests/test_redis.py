@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import random
 import shutil
@@ -273,7 +274,7 @@ async def test_rolling_restart_costs_no_token_and_no_request(
     async with AsyncExitStack() as stack:
         ports, procs = await _replicas(stack, 8, config, tmp_path)
         live = set(ports)
-        in_flight = dict.fromkeys(ports, 0)
+        routed: dict[int, set[str]] = {port: set() for port in ports}  # targets sent to each
         failures: list[str] = []
         sent = 0
         done = asyncio.Event()
@@ -283,23 +284,26 @@ async def test_rolling_restart_costs_no_token_and_no_request(
             while not done.is_set():
                 port = random.choice(sorted(live))  # like a Service: ready endpoints only
                 sent += 1
-                in_flight[port] += 1
+                target = f"/slow/0.3?n={sent}"  # each in flight for a while
+                routed[port].add(target)
                 try:
-                    async with session.get(f"http://127.0.0.1:{port}/r") as response:
+                    async with session.get(f"http://127.0.0.1:{port}{target}") as response:
                         await response.read()
                         if response.status != 200:
                             failures.append(str(response.status))
                 except aiohttp.ClientError as exc:
                     failures.append(type(exc).__name__)
-                finally:
-                    in_flight[port] -= 1
+
+        def forwarded_all(port: int) -> bool:
+            return routed[port] <= {request.target for request in upstream.received}
 
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
             clients = [asyncio.create_task(traffic(s)) for _ in range(8)]
             for port in ports:
                 live.discard(port)
-                # Like a Service's endpoint removal: what was routed there is answered first.
-                await wait_for(lambda port=port: in_flight[port] == 0, 10)
+                # Once all that was routed there has been forwarded (accepted, maybe not yet
+                # answered: the upstream takes 0.3 s), SIGTERM: the drain must answer the rest.
+                await wait_for(functools.partial(forwarded_all, port), 10)
                 old = procs[port]
                 old.send_signal(signal.SIGTERM)
                 await asyncio.wait_for(old.wait(), 15)

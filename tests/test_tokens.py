@@ -14,13 +14,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.app import TOKENS
+from proxy.app import TOKENS, client_session
 from proxy.config import Secret
 from proxy.errors import ERROR_HEADER, TokenError
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
-from proxy.token_endpoint import CredentialIdentity, Token, _lifetime, _parse
+from proxy.token_endpoint import CredentialIdentity, Token, TokenEndpoint, _lifetime, _parse
 from proxy.token_store import FileTokenStore
+from proxy.tokens import TokenManager
 
 from .rawhttp import RawUpstream, exchange
 from .support import (
@@ -135,14 +136,15 @@ async def test_held_token_keeps_serving_while_the_endpoint_fails(
         token_server.fail_always = "reset"
         statuses = []
         # Refresh is tried at 1.5-1.65 s before expiry; the last request here starts 0.5 s
-        # before it, time enough on a busy machine to be served with the token.
+        # before expiry, time enough on a busy machine to be served with the token.
         while token.remaining() > 0.5:
             statuses.append((await exchange(proxy.port, GET)).status)
             await asyncio.sleep(0.05)
+        tried_before_expiry = len(token_server.requests)
         await wait_for(lambda: tokens.current() is None)
         after = await exchange(proxy.port, GET)
     assert set(statuses) == {200}
-    assert len(token_server.requests) >= 2  # the refresh was tried
+    assert tried_before_expiry >= 2  # the refresh was tried, and failed, while these were served
     assert after.status == 503
     assert after.header(ERROR_HEADER) == ["token_unavailable"]
     # Every forwarded request carried the one valid token.
@@ -465,26 +467,40 @@ async def test_refresh_does_not_spin_on_its_own_shared_token(
     token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
 ) -> None:
     """With a shared file, a due refresh fetches a new token instead of re-reading its own."""
-    token_server.expires_in = 3
+    token_server.expires_in = 6
     settings = make_settings(
-        token_server, upstream, auth={"token_cache_file": str(tmp_path / "token.json")}
+        token_server,
+        upstream,
+        auth={"token_cache_file": str(tmp_path / "token.json"), "refresh_margin": 3.0},
     )
-    async with Proxy(settings) as proxy:
-        await wait_ready(proxy)
-        tokens = proxy.app[TOKENS]
+    loads = 0
 
-        def holds_the_second() -> bool:
+    class CountingStore(FileTokenStore):
+        async def load(self) -> Token | None:
+            nonlocal loads
+            loads += 1
+            return await super().load()
+
+    store = CountingStore(str(tmp_path / "token.json"), CredentialIdentity.of(settings.auth))
+    # With the most jitter the refresh falls due 0.3 s before the margin: the stored token is
+    # then still good enough to take (3.3 s left), and only its being our own rules it out.
+    async with client_session(settings) as session:
+        tokens = TokenManager(
+            settings.auth, TokenEndpoint(settings.auth, session), store=store, jitter=lambda: 1.0
+        )
+        await tokens.start()
+        try:
+            await wait_for(lambda: len(token_server.issued) == 2, timeout=8)
+            await asyncio.sleep(0.5)
             token = tokens.current()
-            return (
-                len(token_server.issued) == 2
-                and token is not None
-                and (token.value == token_server.issued[1])
-            )
-
-        # The refresh is due at ~2.7 s; one that re-read its own token would never get here.
-        await wait_for(holds_the_second, timeout=6)
-        await asyncio.sleep(0.5)
+        finally:
+            await tokens.close()
     assert len(token_server.issued) == 2  # and no third, right after
+    assert token is not None
+    assert token.value == token_server.issued[1]
+    # start, the first fetch (before and after its lock), the refresh likewise: a re-read of
+    # our own token would have gone round that loop until the margin, hundreds of times.
+    assert loads <= 6
 
 
 async def test_a_rejected_token_is_never_taken_back_from_the_shared_file(
