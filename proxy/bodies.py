@@ -11,9 +11,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from aiohttp import hdrs
 from aiohttp.streams import StreamReader
 
-from .errors import BadRequest, ExpectationFailed, PayloadTooLarge, ProxyError, RequestTimeout
+from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout
 
 if TYPE_CHECKING:
     from .messages import Request
@@ -26,13 +27,11 @@ class BrokenBody(Exception):
 
 
 def expects_continue(request: Request) -> bool:
-    """Whether the client waits for ``100 Continue``; 417 for any other expectation."""
-    expect = request.headers.get("Expect")
-    if expect is None:
-        return False
-    if expect.lower() != "100-continue":
-        raise ExpectationFailed("only Expect: 100-continue is supported")
-    return request.version >= (1, 1)
+    """Whether the client waits for ``100 Continue`` (the request checks refused, with 417,
+    any other expectation)."""
+    return request.version >= (1, 1) and any(
+        "100-continue" in value.lower() for value in request.headers.getall(hdrs.EXPECT, ())
+    )
 
 
 TRUNCATED = "the request body ended early or was malformed"

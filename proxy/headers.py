@@ -41,7 +41,11 @@ _REBUILT = frozenset({"host", "expect", "x-forwarded-for", "x-forwarded-proto", 
 # where one message ends and the next begins.
 FRAMING = frozenset({"content-length", "transfer-encoding"})
 
-_REQUEST_DROP = HOP_BY_HOP | CLIENT_CREDENTIALS | _REBUILT | FRAMING
+_DROPPED = HOP_BY_HOP | CLIENT_CREDENTIALS | _REBUILT | FRAMING
+# Servers that turn field names into variables (CGI, WSGI: X-Forwarded-For becomes
+# HTTP_X_FORWARDED_FOR) read X_Forwarded_For the same way: a client must not get past these
+# rules under that spelling. nginx drops every name with an underscore by default.
+_REQUEST_DROP = _DROPPED | {name.replace("-", "_") for name in _DROPPED}
 _RESPONSE_DROP_RAW = frozenset(name.encode() for name in HOP_BY_HOP | FRAMING)
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -5,7 +5,9 @@ CR, ...; see tests/test_hardening.py). A proxy must also refuse what would be re
 and another way upstream (RFC 9112 6.1, RFC 9110 7.2), and what a browser could be tricked
 into sending to a proxy that holds a credential:
 
-- CONNECT (no tunnels);
+- CONNECT (no tunnels), and TRACE: the upstream echoes a TRACE request back, and the proxy's
+  credential with it (RFC 9110 9.3.8: a client never sends credentials in one);
+- an ``Expect`` other than ``100-continue``, the one expectation the proxy meets (417);
 - versions other than HTTP/1.0 and HTTP/1.1 (``HTTP/0.9``, ``HTTP/2.0`` sent as text);
 - Transfer-Encoding on HTTP/1.0, and any transfer coding but a lone ``chunked`` (the proxy
   re-frames bodies, so a coding it does not decode would reach the upstream mislabelled);
@@ -21,10 +23,14 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
+from aiohttp import hdrs
+
 from .config import ServerSettings
 from .errors import (
     BadRequest,
     CrossSiteRequest,
+    ExpectationFailed,
+    MethodNotAllowed,
     MisdirectedRequest,
     TunnelRefused,
     UnsupportedTransferCoding,
@@ -34,6 +40,8 @@ from .headers import HeaderMemo, passes_unchanged
 from .messages import Request
 
 _SUPPORTED_VERSIONS = frozenset({(1, 0), (1, 1)})
+# An Expect list may hold empty elements (RFC 9110 5.6.1.2): they ask for nothing.
+_MET_EXPECTATIONS = frozenset({"100-continue", ""})
 # RFC 3986 host (reg-name, IPv4 or IP-literal) and optional port; no userinfo.
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(:[0-9]*)?")
 
@@ -54,8 +62,13 @@ class RequestPolicy:
 
     def check(self, request: Request) -> str:
         """The request's origin-form target; raise a ProxyError if it must not be served."""
-        if request.method == "CONNECT":
+        method = request.method
+        if method == "CONNECT":
             raise TunnelRefused("CONNECT is not supported: the proxy never opens a tunnel")
+        if method == "TRACE":
+            raise MethodNotAllowed(
+                "TRACE is not forwarded: the upstream's echo would carry the proxy's credential"
+            )
         if request.version not in _SUPPORTED_VERSIONS:
             raise VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are supported")
         key = (request.version, request.raw_headers)
@@ -75,6 +88,9 @@ class RequestPolicy:
                 raise BadRequest("the Transfer-Encoding header is malformed")
             if parts != ["chunked"]:
                 raise UnsupportedTransferCoding("the only transfer coding supported is chunked")
+        for value in headers.getall(hdrs.EXPECT, ()):
+            if any(part.strip().lower() not in _MET_EXPECTATIONS for part in value.split(",")):
+                raise ExpectationFailed("only Expect: 100-continue is supported")
         hosts = headers.getall("Host", ())
         if len(hosts) > 1:
             raise BadRequest("the Host header must be a single host[:port]")

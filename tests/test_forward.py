@@ -186,6 +186,30 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(
     assert response.body == b"ok"
 
 
+async def test_underscore_spellings_of_controlled_fields_are_dropped(
+    proxy: Proxy, upstream: StandInUpstream
+) -> None:
+    """CGI-style servers read X_Forwarded_For as X-Forwarded-For: a client may not set, under
+    that spelling, what the proxy drops or writes itself. Other underscored names pass."""
+    response = await exchange(
+        proxy.port,
+        get(
+            "/u",
+            "X_Forwarded_For: 10.0.0.1",
+            "X_Forwarded_Host: evil.example",
+            "X_Logicdrop_ApiKey: client-key",
+            "Proxy_Authorization: Basic eA==",
+            "Transfer_Encoding: chunked",
+            "X_Custom_Tag: kept",
+        ),
+    )
+    assert response.status == 200
+    sent = [name for name, _ in upstream.received[-1].headers]
+    underscored = [name for name in sent if "_" in name]
+    assert underscored == ["X_Custom_Tag"]
+    assert upstream.received[-1].header("X-Forwarded-For") == ["127.0.0.1"]
+
+
 async def test_repeated_headers_survive_both_ways(proxy: Proxy, upstream: StandInUpstream) -> None:
     """Several Set-Cookie come back separately; repeated request headers go up in order."""
     response = await exchange(proxy.port, get("/cookies", "X-Tag: one", "X-Tag: two"))
@@ -370,8 +394,8 @@ async def test_connect_is_refused(proxy: Proxy, upstream: StandInUpstream) -> No
 
 
 async def test_other_methods_are_forwarded(proxy: Proxy, upstream: StandInUpstream) -> None:
-    """Every method but CONNECT goes upstream, including unusual ones."""
-    for method in ("OPTIONS", "PATCH", "DELETE", "PROPFIND", "TRACE"):
+    """Every method but CONNECT and TRACE goes upstream, including unusual ones."""
+    for method in ("OPTIONS", "PATCH", "DELETE", "PROPFIND", "SEARCH"):
         response = await exchange(proxy.port, get("/m", method=method))
         assert response.status == 200
     assert [r.method for r in upstream.received] == [
@@ -379,8 +403,33 @@ async def test_other_methods_are_forwarded(proxy: Proxy, upstream: StandInUpstre
         "PATCH",
         "DELETE",
         "PROPFIND",
-        "TRACE",
+        "SEARCH",
     ]
+
+
+async def test_trace_is_refused_so_no_echo_carries_the_token(
+    token_server: StandInTokenServer,
+) -> None:
+    """An upstream answers TRACE with the request it received (RFC 9110 9.3.8), which would
+    hold the proxy's token: 405 from the proxy instead, before and after the pool is warm."""
+
+    async def echo(request: RawRequest, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: message/http\r\nContent-Length: %d\r\n\r\n%b"
+            % (len(request.head), request.head)
+        )
+        await writer.drain()
+
+    async with proxy_in_front_of(token_server, echo) as (raw, proxy):
+        cold = await exchange(proxy.port, get("/t", method="TRACE"))
+        warm = await exchange(proxy.port, get("/warm"))
+        pooled = await exchange(proxy.port, get("/t", method="TRACE"))
+    assert (cold.status, warm.status, pooled.status) == (405, 200, 405)
+    assert pooled.header(ERROR_HEADER) == ["method_not_allowed"]
+    assert b"TRACE" in pooled.body
+    assert [r.start_line for r in raw.requests] == ["GET /warm HTTP/1.1"]
+    assert token_server.issued[0].encode() in warm.body  # what a forwarded TRACE would show
+    assert token_server.issued[0].encode() not in cold.body + pooled.body
 
 
 async def test_expect_100_continue_is_answered_by_the_proxy(

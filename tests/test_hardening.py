@@ -593,13 +593,19 @@ async def test_absolute_form_to_a_reserved_path_is_not_forwarded(
     assert upstream.received == []
 
 
+@pytest.mark.parametrize("expect", [b"foo", b"100-continue, foo"])
 async def test_unsupported_expect_is_417_even_without_a_body(
-    proxy: Proxy, upstream: StandInUpstream
+    proxy: Proxy, upstream: StandInUpstream, expect: bytes
 ) -> None:
-    """Only 100-continue is understood; anything else is refused whatever the body."""
-    response = await exchange(proxy.port, b"GET /x HTTP/1.1\r\nHost: p\r\nExpect: foo\r\n\r\n")
-    assert response.status == 417
-    assert upstream.received == []
+    """Only 100-continue is understood; anything else is refused whatever the body, also when
+    an idle pooled connection could have taken the request at once."""
+    request = b"GET /x HTTP/1.1\r\nHost: p\r\nExpect: %b\r\n\r\n" % expect
+    cold = await exchange(proxy.port, request)
+    warm = await exchange(proxy.port, b"GET /warm HTTP/1.1\r\nHost: p\r\n\r\n")
+    pooled = await exchange(proxy.port, request)  # an upstream connection is idle now
+    assert (cold.status, warm.status, pooled.status) == (417, 200, 417)
+    assert pooled.header(ERROR_HEADER) == ["expectation_failed"]
+    assert [r.target for r in upstream.received] == ["/warm"]
 
 
 async def test_connection_closes_after_an_upgrade_request(proxy: Proxy) -> None:
