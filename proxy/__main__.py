@@ -117,7 +117,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         else:
             print(run_loop(_fetch(settings, use_store=True)).value)
     except TokenError as error:
-        print(f"sparks-proxy: token request failed: {error.code}: {error.detail}", file=sys.stderr)
+        print(
+            f"sparks-proxy: token request failed: {error.code}: {error.for_operator()}",
+            file=sys.stderr,
+        )
         return EXIT_TOKEN_FAILED
     except ConfigError as error:  # settings that only fail in use, e.g. a port already taken
         print(f"sparks-proxy: config error: {error}", file=sys.stderr)

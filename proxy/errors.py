@@ -49,7 +49,10 @@ class ConfigError(SparksProxyError):
 class TokenError(SparksProxyError):
     """Raised when a token request fails.
 
-    ``code`` is an OAuth error code (``invalid_client``) or one of ours (``token_timeout``);
+    ``code`` is a standard OAuth error code (``invalid_client``) or one of ours
+    (``token_timeout``); ``detail`` is the proxy's own words: both may reach clients, metrics and
+    readiness. ``said`` is what the token endpoint wrote about it, redacted, for the operator
+    only (the log and the CLI): an issuer's text is not the proxy's to pass on.
     ``permanent`` marks failures that retrying soon will not fix (bad credentials);
     ``retry_after`` is the server's own wait hint in seconds, when it gave one.
     """
@@ -61,12 +64,18 @@ class TokenError(SparksProxyError):
         *,
         permanent: bool = False,
         retry_after: float | None = None,
+        said: str = "",
     ) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.permanent = permanent
         self.retry_after = retry_after
+        self.said = said
+
+    def for_operator(self) -> str:
+        """The detail, and what the token endpoint said about it if anything."""
+        return f"{self.detail} (the token endpoint said: {self.said})" if self.said else self.detail
 
 
 class ProxyError(SparksProxyError):

@@ -93,8 +93,9 @@ class StandInTokenServer(_LoopbackServer):
 
     ``failures`` is a queue of scripted answers used before normal service resumes; each is one
     of ``"500"``, ``"html"``, ``"empty"``, ``"no_token"``, ``"mac_token"``, ``"deep_json"``,
-    ``"429"``, ``"429_reset"``, ``"invalid_client"``, ``"redirect"``, ``"reset"`` or
-    ``"stall"``. Setting ``fail_always`` repeats one of them forever.
+    ``"429"``, ``"429_reset"``, ``"invalid_client"``, ``"echo"``, ``"token_as_code"``,
+    ``"redirect"``, ``"reset"`` or ``"stall"``. Setting ``fail_always`` repeats one of them
+    forever.
     """
 
     def __init__(
@@ -197,6 +198,13 @@ class StandInTokenServer(_LoopbackServer):
                 {"error": "invalid_client", "error_description": "Unknown client or bad secret"},
                 status=401,
             )
+        if failure == "echo":  # an issuer that quotes the request back in its description
+            quoted = f"got {request.headers.get('Authorization', '')} {await request.text()}"
+            return web.json_response(
+                {"error": "invalid_client", "error_description": quoted}, status=401
+            )
+        if failure == "token_as_code":  # ... or quotes a token where an error code belongs
+            return web.json_response({"error": self.issued[-1]}, status=400)
         if failure == "redirect":
             return web.Response(status=307, headers={"Location": self.redirect_to})
         if failure == "reset":

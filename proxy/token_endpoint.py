@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote_plus, urlencode
+from urllib.parse import quote, quote_plus, urlencode
 
 import aiohttp
 
@@ -36,7 +36,19 @@ MAX_ANSWER_BYTES = 64 * 1024
 PERMANENT_ERRORS = frozenset(
     {"invalid_client", "unauthorized_client", "invalid_grant", "invalid_scope", "access_denied"}
 )
-_ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# The codes an answer's "error" may give the failure (RFC 6749 5.2, RFC 6750 3.1, and Auth0's
+# too_many_requests). Any other text in that field is the issuer's, not a code: it could be
+# anything, a secret or a token included, and labels a metric too.
+OAUTH_ERRORS = PERMANENT_ERRORS | {
+    "invalid_request",
+    "unsupported_grant_type",
+    "invalid_token",
+    "server_error",
+    "temporarily_unavailable",
+    "too_many_requests",
+}
+# What may be a token or a key in an issuer's text (a JWT, an opaque token, a Basic value).
+_TOKEN_LIKE = re.compile(r"[A-Za-z0-9\-._~+/]{24,}=*")
 # RFC 6750 b64token: what may follow "Bearer " in a header.
 B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
@@ -142,7 +154,19 @@ class TokenEndpoint:
                 "token_endpoint_unreachable",
                 f"token request failed: {type(exc).__name__}",
             ) from None
-        return _parse(status, resp_headers, raw, sent_at, self._auth.scope, secret)
+        return _parse(
+            status, resp_headers, raw, sent_at, self._auth.scope, _sent_forms(secret, headers)
+        )
+
+
+def _sent_forms(secret: str, headers: dict[str, str]) -> tuple[str, ...]:
+    """The secret in each encoding the request carried it in: what an issuer might echo."""
+    forms = {secret, quote_plus(secret), quote(secret, safe=""), json.dumps(secret)[1:-1]}
+    basic = headers.get("Authorization")
+    if basic is not None:
+        forms.add(basic.removeprefix("Basic "))
+    # Longest first, so no shorter form cuts a longer one apart before it is found.
+    return tuple(sorted(filter(None, forms), key=len, reverse=True))
 
 
 async def _read_limited(resp: aiohttp.ClientResponse) -> bytes:
@@ -162,7 +186,7 @@ def _parse(
     raw: bytes,
     sent_at: float,
     configured_scope: str,
-    secret: str,
+    confidential: tuple[str, ...],
 ) -> Token:
     if 300 <= status < 400:
         raise TokenError(
@@ -179,17 +203,23 @@ def _parse(
             retry_after=retry_after_seconds(headers),
         )
     if status != 200:
-        code = payload.get("error") if isinstance(payload, dict) else None
-        if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
-            detail = f"token endpoint answered {status} {code}"
-            description = payload.get("error_description")
-            if isinstance(description, str) and description:
-                detail += ": " + _redact(description, secret)
-            raise TokenError(code, detail, permanent=code in PERMANENT_ERRORS)
+        error = payload.get("error") if isinstance(payload, dict) else None
+        description = payload.get("error_description") if isinstance(payload, dict) else None
+        said = " ".join(
+            _redact(text, confidential) for text in (error, description) if isinstance(text, str)
+        )
+        if isinstance(error, str) and error in OAUTH_ERRORS:
+            raise TokenError(
+                error,
+                f"token endpoint answered {status} {error}",
+                permanent=error in PERMANENT_ERRORS,
+                said=_redact(description, confidential) if isinstance(description, str) else "",
+            )
         raise TokenError(
             "token_endpoint_error",
             f"token endpoint answered {status}",
             retry_after=retry_after_seconds(headers) if status == 503 else None,
+            said=said,
         )
     if not isinstance(payload, dict):
         kind = "an empty body" if not raw.strip() else "a body that is not JSON"
@@ -268,8 +298,11 @@ def retry_after_seconds(headers: Any) -> float | None:
     return None
 
 
-def _redact(text: str, secret: str) -> str:
+def _redact(text: str, confidential: tuple[str, ...]) -> str:
+    """An issuer's text fit for a log line: the secret in every form the request carried it,
+    and anything shaped like a token, replaced; at most 200 printable characters."""
     # Redact before cutting, so no prefix of the secret can survive the cut.
-    if secret:
-        text = text.replace(secret, "<SECRET>")
+    for form in confidential:
+        text = text.replace(form, "<SECRET>")
+    text = _TOKEN_LIKE.sub("<REDACTED>", text)
     return "".join(ch if ch.isprintable() else "?" for ch in text[:200])

@@ -282,7 +282,7 @@ class TokenManager:
         held = self.current()
         log.warning(
             "token request failed (%s); next attempt in %.1f s; %s",
-            error.detail,
+            error.for_operator(),
             delay,
             f"still serving the held token for {held.remaining():.0f} s"
             if held is not None

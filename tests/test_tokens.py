@@ -25,6 +25,7 @@ from proxy.tokens import TokenManager
 
 from .rawhttp import RawUpstream, exchange
 from .support import (
+    LogCapture,
     ProxyFactory,
     assert_one_token_served,
     get_statuses,
@@ -382,10 +383,80 @@ def test_token_error_text_never_holds_the_secret() -> None:
             ).encode(),
             0.0,
             "",
-            DEMO_CLIENT_SECRET,
+            (DEMO_CLIENT_SECRET,),
         )
-    assert DEMO_CLIENT_SECRET not in str(caught.value)
+    assert DEMO_CLIENT_SECRET not in str(caught.value) + caught.value.for_operator()
+    assert caught.value.said == "bad <SECRET>!"
     assert caught.value.permanent
+
+
+ODD_SECRET = 'p@ss+w/rd=&\u00e9"x demo-secret'
+"""A secret that form encoding, JSON escaping and Basic encoding each write differently."""
+
+
+async def _shown(client: aiohttp.ClientSession, proxy: Proxy) -> list[str]:
+    """What clients, readiness and metrics show while no token is held."""
+    shown = []
+    for path in ("/x", "/-/readyz", "/-/metrics"):
+        async with client.get(proxy.url + path) as response:
+            shown.append(await response.text())
+    return shown
+
+
+@pytest.mark.parametrize(
+    ("client_auth", "request_format"),
+    [("post", "json"), ("post", "form"), ("basic", "json")],
+)
+async def test_an_issuer_quoting_the_request_leaks_no_secret(
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+    client_auth: str,
+    request_format: str,
+) -> None:
+    """An error description quoting the request, the secret in whatever encoding it was sent,
+    reaches the log only, redacted: never a client or readiness."""
+    token_server.fail_always = "echo"
+    settings = make_settings(
+        token_server,
+        upstream,
+        auth={
+            "client_secret": Secret(ODD_SECRET),
+            "client_auth": client_auth,
+            "request_format": request_format,
+        },
+    )
+    async with Proxy(settings) as proxy:
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+        shown = await _shown(client, proxy)
+    sent = token_server.requests[0]
+    authorization = sent.headers.get("Authorization", "").removeprefix("Basic ")
+    forms = [ODD_SECRET, json.dumps(ODD_SECRET)[1:-1], "p%40ss%2Bw%2Frd", authorization]
+    outputs = [*shown, logs.text()]
+    assert [form for form in forms if form and any(form in text for text in outputs)] == []
+    assert "the token endpoint said: got " in logs.text()  # the operator still reads it
+
+
+async def test_an_issuer_quoting_a_token_as_its_error_code_leaks_no_token(
+    start_proxy: ProxyFactory,
+    token_server: StandInTokenServer,
+    upstream: StandInUpstream,
+    client: aiohttp.ClientSession,
+    logs: LogCapture,
+) -> None:
+    """A token where the error code belongs is no code: the failure counts as the proxy's
+    token_endpoint_error, in metrics and readiness, and the token shows nowhere."""
+    logs.watch(token_server.issued)
+    async with start_proxy() as proxy:
+        await wait_ready(proxy)
+        token_server.fail_always = "token_as_code"
+        upstream.rejected_tokens.update(token_server.issued)  # the refetch meets the failure
+        await exchange(proxy.port, GET)
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+        shown = await _shown(client, proxy)
+    assert [text for text in shown if token_server.issued[0] in text] == []
+    assert 'sparks_proxy_token_requests_total{result="token_endpoint_error"}' in shown[2]
 
 
 async def test_token_expired_on_arrival_is_a_failure_not_a_loop(
