@@ -360,14 +360,20 @@ def validate(settings: Settings) -> Settings:
 
     upstream_url = _check_url("upstream.url", settings.upstream.url, allow_path=True)
     _check_url("auth.token_url", settings.auth.token_url, allow_path=True)
+    ca_file = settings.upstream.ca_file
+    if ca_file and not _readable(ca_file):
+        raise ConfigError(f"upstream.ca_file: cannot read {ca_file!r}; expected a readable file")
     for name, file in (
-        ("upstream.ca_file", settings.upstream.ca_file),
         ("auth.client_secret_file", settings.auth.client_secret_file),
         ("auth.redis_url_file", settings.auth.redis_url_file),
         ("auth.redis_encryption_key_file", settings.auth.redis_encryption_key_file),
     ):
-        if file and not (os.path.isfile(file) and os.access(file, os.R_OK)):
-            raise ConfigError(f"{name}: cannot read {file!r}; expected a readable file")
+        if file and not _readable(file):
+            # Not quoted: the value set here by mistake is often the secret itself.
+            raise ConfigError(
+                f"{name}: not a readable file (the value is not shown: it may be a secret);"
+                " expected the path of a file holding it"
+            )
     if settings.auth.client_secret and settings.auth.client_secret_file:
         raise ConfigError(
             "auth.client_secret and auth.client_secret_file are both set; expected only one"
@@ -446,19 +452,25 @@ def require_credentials(settings: Settings) -> None:
         )
 
 
+def _readable(path: str) -> bool:
+    return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
 def _check_url(name: str, url: str, *, allow_path: bool) -> str:
     """Validate an http(s) URL; return it without a trailing slash."""
     parts = urlsplit(url)
+    # A URL shown in an error loses anything before an "@": a password, however mistyped.
+    shown = repr("...@" + url.rpartition("@")[2] if "@" in url else url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{name}: expected an http:// or https:// URL, got {url!r}")
+        raise ConfigError(f"{name}: expected an http:// or https:// URL, got {shown}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ConfigError(f"{name}: expected a URL without query, fragment or userinfo")
     if parts.path not in ("", "/") and not allow_path:
-        raise ConfigError(f"{name}: expected a URL without a path, got {url!r}")
+        raise ConfigError(f"{name}: expected a URL without a path, got {shown}")
     if parts.scheme == "http" and not is_loopback(parts.hostname):
         # The token (or the secret) would cross the network in the clear.
         raise ConfigError(
-            f"{name}: plain http is allowed only for loopback hosts; expected https://, got {url!r}"
+            f"{name}: plain http is allowed only for loopback hosts; expected https://, got {shown}"
         )
     return url.rstrip("/")
 

@@ -408,6 +408,39 @@ def test_bad_urls_are_rejected(section: str, key: str, env_name: str, url: str) 
 
 @pytest.mark.parametrize(("section", "key", "env_name"), URL_KEYS, ids=["upstream", "token"])
 @pytest.mark.parametrize(
+    "url",
+    [
+        "https//demo-client:demo-secret@api.example.test/",  # a scheme mistyped
+        "http://demo-client:demo-secret@api.example.test/",  # plain http besides
+        "demo-secret@api.example.test",
+    ],
+)
+def test_a_bad_url_is_shown_without_what_precedes_an_at(
+    section: str, key: str, env_name: str, url: str
+) -> None:
+    """A URL in an error loses any userinfo, however mistyped the rest: never the password."""
+    message = load_error(None, {env_name: url})
+    assert f"{section}.{key}" in message
+    assert "demo-secret" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "env_name"),
+    [
+        ("auth.client_secret_file", "SPARKS_PROXY_AUTH_CLIENT_SECRET_FILE"),
+        ("auth.redis_url_file", "SPARKS_PROXY_AUTH_REDIS_URL_FILE"),
+        ("auth.redis_encryption_key_file", "SPARKS_PROXY_AUTH_REDIS_ENCRYPTION_KEY_FILE"),
+    ],
+)
+def test_a_secret_set_where_its_file_belongs_is_not_echoed(key: str, env_name: str) -> None:
+    """The usual slip, the secret itself in a *_FILE variable, names the key, never the value."""
+    message = load_error(None, {env_name: "demo-secret"})
+    assert key in message
+    assert "demo-secret" not in message
+
+
+@pytest.mark.parametrize(("section", "key", "env_name"), URL_KEYS, ids=["upstream", "token"])
+@pytest.mark.parametrize(
     "url", ["http://127.0.0.1:9000", "http://localhost:9000", "https://api.example.test"]
 )
 def test_loopback_http_and_any_https_are_accepted(
