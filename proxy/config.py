@@ -14,6 +14,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -363,6 +364,14 @@ def validate(settings: Settings) -> Settings:
     ca_file = settings.upstream.ca_file
     if ca_file and not _readable(ca_file):
         raise ConfigError(f"upstream.ca_file: cannot read {ca_file!r}; expected a readable file")
+    if ca_file:
+        try:  # this file alone, not the system's CA store as well
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca_file)
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(
+                f"upstream.ca_file: {ca_file!r} holds no CA certificate; expected PEM"
+                " (-----BEGIN CERTIFICATE-----)"
+            ) from None
     for name, file in (
         ("auth.client_secret_file", settings.auth.client_secret_file),
         ("auth.redis_url_file", settings.auth.redis_url_file),
@@ -373,6 +382,18 @@ def validate(settings: Settings) -> Settings:
             raise ConfigError(
                 f"{name}: not a readable file (the value is not shown: it may be a secret);"
                 " expected the path of a file holding it"
+            )
+    if settings.auth.client_secret_file:
+        try:
+            secret = read_secret_file(settings.auth.client_secret_file)
+        except (OSError, UnicodeDecodeError):
+            raise ConfigError(
+                "auth.client_secret_file: cannot be read as UTF-8 text; expected the client "
+                "secret in it"
+            ) from None
+        if not secret:
+            raise ConfigError(
+                "auth.client_secret_file: the file is empty; expected the client secret in it"
             )
     if settings.auth.client_secret and settings.auth.client_secret_file:
         raise ConfigError(
@@ -405,10 +426,18 @@ def _check_token_cache(settings: Settings) -> Settings:
             )
         if auth.redis_encryption_key_file:
             read_encryption_key(auth.redis_encryption_key_file)
-        url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        try:
+            url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except (UnicodeDecodeError, ValueError):
+            parts = None
+        if parts is None or parts.scheme not in ("redis", "rediss", "unix"):
             # The URL may hold a password: name the key, never echo the value.
-            raise ConfigError("auth.redis_url: expected a redis://, rediss:// or unix:// URL")
+            raise ConfigError(
+                "auth.redis_url: expected a URL such as redis://[:password@]host:port/db "
+                "(rediss:// and unix:// work too)"
+            )
     return settings
 
 
@@ -454,6 +483,14 @@ def require_credentials(settings: Settings) -> None:
 
 def _readable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
+def read_secret_file(path: str) -> str:
+    """A secret file's text without surrounding whitespace or a byte-order mark.
+
+    Raises OSError or UnicodeDecodeError when it cannot be read as UTF-8.
+    """
+    return Path(path).read_text(encoding="utf-8-sig").strip()
 
 
 def _check_url(name: str, url: str, *, allow_path: bool) -> str:

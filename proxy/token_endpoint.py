@@ -16,13 +16,12 @@ import re
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus, urlencode
 
 import aiohttp
 
-from .config import AuthSettings
+from .config import AuthSettings, read_secret_file
 from .errors import TokenError
 
 log = logging.getLogger("sparks_proxy.tokens")
@@ -100,13 +99,20 @@ class TokenEndpoint:
         if not self._auth.client_secret_file:
             return self._auth.client_secret.reveal()
         try:
-            return Path(self._auth.client_secret_file).read_text(encoding="utf-8").strip()
+            secret = read_secret_file(self._auth.client_secret_file)
         except (OSError, UnicodeDecodeError) as exc:
             raise TokenError(
                 "secret_unreadable",
                 f"cannot read auth.client_secret_file ({type(exc).__name__})",
                 permanent=True,
             ) from None
+        if not secret:
+            raise TokenError(
+                "secret_unreadable",
+                "auth.client_secret_file is empty; expected the client secret in it",
+                permanent=True,
+            )
+        return secret
 
     def _request(self, secret: str) -> tuple[dict[str, str], bytes]:
         auth = self._auth

@@ -506,6 +506,54 @@ def test_secret_file_that_is_a_directory_is_refused(tmp_path: Path) -> None:
     assert "auth.client_secret_file" in message
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "the file is empty"),
+        (b" \n\t\n", "the file is empty"),
+        (b"\xef\xbb\xbf\n", "the file is empty"),  # a byte-order mark alone
+        (b"\xff\xfe secret", "cannot be read as UTF-8"),
+    ],
+    ids=["empty", "whitespace", "bom-only", "not-utf-8"],
+)
+def test_a_secret_file_without_a_secret_is_refused(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    """A secret file that holds no secret is a configuration error, not a token request with
+    an empty secret that the issuer refuses for reasons of its own."""
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_bytes(content)
+    message = load_error(None, {"SPARKS_PROXY_AUTH_CLIENT_SECRET_FILE": str(secret_file)})
+    assert message.startswith("auth.client_secret_file: ")
+    assert expected in message
+
+
+def test_a_ca_file_that_is_not_pem_is_refused(tmp_path: Path) -> None:
+    """upstream.ca_file must hold PEM certificates: found at load, not as a traceback later."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("not a certificate\n", encoding="utf-8")
+    message = load_error(None, {"SPARKS_PROXY_UPSTREAM_CA_FILE": str(ca_file)})
+    assert message.startswith("upstream.ca_file: ")
+    assert "PEM" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:demo-secret@127.0.0.1:notaport/0",
+        "redis://:demo-secret@127.0.0.1:99999/0",
+        "http://:demo-secret@127.0.0.1:6379/0",
+    ],
+)
+def test_a_malformed_redis_url_is_refused_without_its_password(url: str) -> None:
+    """A Redis URL that is not one names the key and shows nothing of the value."""
+    message = load_error(
+        None, {"SPARKS_PROXY_AUTH_TOKEN_CACHE": "redis", "SPARKS_PROXY_AUTH_REDIS_URL": url}
+    )
+    assert message.startswith("auth.redis_url: ")
+    assert "demo-secret" not in message
+
+
 def test_readable_secret_file_counts_as_credentials(tmp_path: Path) -> None:
     """client_id plus a readable client_secret_file are credentials; the file is not inlined."""
     secret_file = tmp_path / "client_secret"

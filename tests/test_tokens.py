@@ -252,10 +252,34 @@ async def test_secret_file_is_reread_so_rotation_needs_no_restart(
     async with Proxy(settings) as proxy:
         await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
         assert proxy.app[TOKENS].current() is None
-        with open(secret_file, "w") as fh:
-            fh.write(DEMO_CLIENT_SECRET + "\n")  # trailing newline, as Secrets often have
+        with open(secret_file, "w", encoding="utf-8") as fh:
+            # A byte-order mark (Windows editors) and a trailing newline, as Secrets often have.
+            fh.write("\ufeff" + DEMO_CLIENT_SECRET + "\n")
         await wait_ready(proxy, timeout=5)
     assert [r.fields.get("client_secret") for r in token_server.requests][-1] == DEMO_CLIENT_SECRET
+
+
+async def test_a_secret_file_emptied_at_run_time_is_named(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """A secret file found empty at a fetch sends no request with an empty secret."""
+    secret_file = tmp_path / "client-secret"
+    secret_file.write_text(DEMO_CLIENT_SECRET, encoding="utf-8")
+    settings = make_settings(
+        token_server,
+        upstream,
+        auth={"client_secret": Secret(""), "client_secret_file": str(secret_file)},
+    )
+    secret_file.write_text("  \n", encoding="utf-8")  # emptied after the settings were checked
+    async with Proxy(settings) as proxy:
+        await wait_for(lambda: proxy.app[TOKENS].last_error is not None)
+        error = proxy.app[TOKENS].last_error
+    assert error is not None
+    assert (error.code, error.detail) == (
+        "secret_unreadable",
+        "auth.client_secret_file is empty; expected the client secret in it",
+    )
+    assert token_server.requests == []
 
 
 async def test_token_cache_file_survives_a_restart(
