@@ -69,7 +69,8 @@ class Admin:
             )
         methods, handler = route
         if request.method not in methods:
-            raise MethodNotAllowed(f"{path} accepts {', '.join(sorted(methods))} only")
+            allow = ", ".join(sorted(methods))
+            raise MethodNotAllowed(f"{path} accepts {allow} only", allow=allow)
         return await handler(request)
 
     async def healthz(self, request: Request) -> Answer:
@@ -104,7 +105,7 @@ class Admin:
     async def metrics(self, request: Request) -> Answer:
         """Prometheus text exposition of this proxy's registry."""
         body = generate_latest(self._metrics.registry)
-        return Answer(200, body, [("Content-Type", CONTENT_TYPE_LATEST)])
+        return Answer(200, body, [("Content-Type", CONTENT_TYPE_LATEST), _NO_STORE])
 
     async def oauth_token(self, request: Request) -> Answer:
         """A client-credentials endpoint that issues only an inert placeholder."""
@@ -117,23 +118,25 @@ class Admin:
         if grant != "client_credentials":
             raise BadRequest(
                 "unsupported_grant_type: the proxy's token endpoint serves the "
-                "client_credentials grant only; any client_id and client_secret will do"
+                "client_credentials grant only, sent as application/x-www-form-urlencoded or "
+                "application/json; any client_id and client_secret will do"
             )
         return json_answer(
             {
                 "access_token": PLACEHOLDER_TOKEN,
                 "token_type": "Bearer",
                 "expires_in": PLACEHOLDER_LIFETIME,
-            },
-            headers=[("Cache-Control", "no-store")],
+            }
         )
 
 
-def json_answer(
-    doc: object, *, status: int = 200, headers: list[tuple[str, str]] | None = None
-) -> Answer:
-    """A JSON answer."""
-    fields = [("Content-Type", "application/json; charset=utf-8"), *(headers or ())]
+# Every answer here is the state of the moment (or a token): no cache may keep one.
+_NO_STORE = ("Cache-Control", "no-store")
+
+
+def json_answer(doc: object, *, status: int = 200) -> Answer:
+    """A JSON answer, never to be stored."""
+    fields = [("Content-Type", "application/json; charset=utf-8"), _NO_STORE]
     return Answer(status, json.dumps(doc).encode(), fields)
 
 

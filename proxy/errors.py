@@ -115,10 +115,15 @@ class NotFound(ProxyError):
 
 
 class MethodNotAllowed(ProxyError):
-    """Raised for a method a reserved ``/-/`` path does not serve."""
+    """Raised for a method a reserved ``/-/`` path does not serve; ``allow`` lists those it
+    does (the ``Allow`` field of the answer), when the proxy is what answers for the path."""
 
     status = 405
     code = "method_not_allowed"
+
+    def __init__(self, detail: str, *, allow: str = "") -> None:
+        super().__init__(detail)
+        self.allow = allow
 
 
 class TunnelRefused(MethodNotAllowed):
@@ -216,8 +221,9 @@ def json_error(
     *,
     retry_after: float | None = None,
     close: bool = False,
+    allow: str = "",
 ) -> Answer:
-    """A proxy-made error answer: JSON body, marker header, optional Retry-After."""
+    """A proxy-made error answer: JSON body, marker header, optional Retry-After and Allow."""
     headers = [
         ("Content-Type", "application/json"),
         (ERROR_HEADER, code),
@@ -225,6 +231,8 @@ def json_error(
     ]
     if retry_after is not None:
         headers.append(("Retry-After", str(max(1, math.ceil(retry_after)))))
+    if allow:
+        headers.append(("Allow", allow))
     body = json.dumps({"error": code, "detail": detail}).encode()
     return Answer(status, body, headers, close=close)
 
@@ -237,4 +245,5 @@ def error_answer(error: ProxyError) -> Answer:
         error.detail,
         retry_after=error.retry_after,
         close=error.closes_connection,
+        allow=error.allow if isinstance(error, MethodNotAllowed) else "",
     )

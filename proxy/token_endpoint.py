@@ -12,6 +12,7 @@ import binascii
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -156,10 +157,12 @@ class TokenEndpoint:
                 f"no answer from the token endpoint within {self._auth.timeout:g} s",
             ) from None
         except aiohttp.ClientError as exc:
-            raise TokenError(
-                "token_endpoint_unreachable",
-                f"token request failed: {type(exc).__name__}",
-            ) from None
+            # The OS's reason ("Connection refused") says where to look; the exception's own
+            # message may quote the address or URL, so it is not used.
+            detail = f"token request failed: {type(exc).__name__}"
+            if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
+                detail += f" ({os.strerror(exc.os_error.errno)})"
+            raise TokenError("token_endpoint_unreachable", detail) from None
         return _parse(
             status, resp_headers, raw, sent_at, self._auth.scope, _sent_forms(secret, headers)
         )

@@ -63,12 +63,27 @@ async def test_admin_paths_are_never_forwarded(
 async def test_wrong_method_on_an_admin_path_is_405(
     proxy: Proxy, client: aiohttp.ClientSession
 ) -> None:
-    """POST /-/healthz is a JSON 405; GET /-/oauth/token likewise."""
+    """POST /-/healthz is a JSON 405; GET /-/oauth/token likewise. Allow says what would do."""
     async with client.post(proxy.url + "/-/healthz") as response:
         assert response.status == 405
         assert (await response.json())["error"] == "method_not_allowed"
+        assert response.headers.get("Allow") == "GET, HEAD"
     async with client.get(proxy.url + "/-/oauth/token") as response:
         assert response.status == 405
+        assert response.headers.get("Allow") == "POST"
+
+
+async def test_no_admin_answer_may_be_stored(proxy: Proxy, client: aiohttp.ClientSession) -> None:
+    """Health, readiness and metrics are the state of the moment; the token answer is a token:
+    every one says no-store, so no cache between a prober and the proxy keeps one."""
+    for path in ("/-/healthz", "/-/readyz", "/-/metrics"):
+        async with client.get(proxy.url + path) as response:
+            assert response.status == 200, path
+            assert response.headers.get("Cache-Control") == "no-store", path
+    grant = {"grant_type": "client_credentials", "client_id": "app", "client_secret": "x"}
+    async with client.post(proxy.url + "/-/oauth/token", json=grant) as response:
+        assert response.status == 200
+        assert response.headers.get("Cache-Control") == "no-store"
 
 
 async def test_metrics_count_requests_and_tokens_without_secrets(

@@ -273,6 +273,25 @@ def test_secret_file_that_is_a_directory_is_a_config_error(tmp_path: Path) -> No
     assert "auth.client_secret_file" in result.stderr
 
 
+def test_check_says_why_the_token_endpoint_cannot_be_reached(tmp_path: Path) -> None:
+    """Nothing listening at the token URL: exit 1, and the OS's reason, not just a class name."""
+    config = write_config(
+        tmp_path,
+        f"""
+        [auth]
+        token_url = "http://127.0.0.1:{free_port()}/oauth/token"
+        client_id = "demo-client"
+        client_secret = "demo-secret"
+        """,
+    )
+    result = run_cli_sync(["check", "--config", config], tmp_path, cli_env())
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == (
+        "sparks-proxy: token request failed: token_endpoint_unreachable: "
+        "token request failed: ClientConnectorError (Connection refused)"
+    )
+
+
 def test_port_in_use_is_a_config_error(tmp_path: Path) -> None:
     """A listen address that is taken exits 2 with one line naming server.port, no traceback."""
     with socket.socket() as taken:
