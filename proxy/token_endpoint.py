@@ -214,21 +214,20 @@ def _parse(
     if status != 200:
         error = payload.get("error") if isinstance(payload, dict) else None
         description = payload.get("error_description") if isinstance(payload, dict) else None
-        said = " ".join(
-            _redact(text, confidential) for text in (error, description) if isinstance(text, str)
-        )
+        described = _redact(description, confidential) if isinstance(description, str) else ""
         if isinstance(error, str) and error in OAUTH_ERRORS:
             raise TokenError(
                 error,
                 f"token endpoint answered {status} {error}",
                 permanent=error in PERMANENT_ERRORS,
-                said=_redact(description, confidential) if isinstance(description, str) else "",
+                said=described,
             )
+        unknown = _redact(error, confidential) if isinstance(error, str) else ""
         raise TokenError(
             "token_endpoint_error",
             f"token endpoint answered {status}",
             retry_after=retry_after_seconds(headers) if status == 503 else None,
-            said=said,
+            said=" ".join(filter(None, (unknown, described))),
         )
     if not isinstance(payload, dict):
         kind = "an empty body" if not raw.strip() else "a body that is not JSON"

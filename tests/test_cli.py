@@ -55,6 +55,19 @@ def write_config(directory: Path, text: str, name: str = "settings.toml") -> str
     return str(path)
 
 
+def unreachable_issuer_config(directory: Path, secret_line: str) -> str:
+    """A config file whose token URL is a loopback port nothing listens on."""
+    return write_config(
+        directory,
+        f"""
+        [auth]
+        token_url = "http://127.0.0.1:{free_port()}/oauth/token"
+        client_id = "{DEMO_CLIENT_ID}"
+        {secret_line}
+        """,
+    )
+
+
 def auth_config(
     directory: Path,
     token_server: StandInTokenServer,
@@ -258,15 +271,7 @@ def test_secret_file_that_is_a_directory_is_a_config_error(tmp_path: Path) -> No
     """
     volume = tmp_path / "secret-volume"
     volume.mkdir()
-    config = write_config(
-        tmp_path,
-        f"""
-        [auth]
-        token_url = "http://127.0.0.1:{free_port()}/oauth/token"
-        client_id = "demo-client"
-        client_secret_file = "{volume}"
-        """,
-    )
+    config = unreachable_issuer_config(tmp_path, f'client_secret_file = "{volume}"')
     result = run_cli_sync(["check", "--config", config], tmp_path, cli_env())
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.splitlines()) == 1
@@ -275,15 +280,7 @@ def test_secret_file_that_is_a_directory_is_a_config_error(tmp_path: Path) -> No
 
 def test_check_says_why_the_token_endpoint_cannot_be_reached(tmp_path: Path) -> None:
     """Nothing listening at the token URL: exit 1, and the OS's reason, not just a class name."""
-    config = write_config(
-        tmp_path,
-        f"""
-        [auth]
-        token_url = "http://127.0.0.1:{free_port()}/oauth/token"
-        client_id = "demo-client"
-        client_secret = "demo-secret"
-        """,
-    )
+    config = unreachable_issuer_config(tmp_path, f'client_secret = "{DEMO_CLIENT_SECRET}"')
     result = run_cli_sync(["check", "--config", config], tmp_path, cli_env())
     assert result.returncode == 1, result.stderr
     assert result.stderr.strip() == (
