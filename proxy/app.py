@@ -13,14 +13,13 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from .access_log import ABORTED, AccessLog
 from .admin import Admin, Lifecycle
-from .config import Settings, read_encryption_key
+from .config import Settings, read_encryption_key, redis_url
 from .errors import ProxyError, error_answer, json_error
 from .forward import Forwarder, Started
 from .messages import Answer, Request
@@ -109,10 +108,9 @@ def token_store(settings: Settings, metrics: Metrics) -> TokenStore | None:
     if auth.token_cache == "redis":
         from .redis_store import RedisTokenStore  # only deployments that use Redis load it
 
-        url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
         key = auth.redis_encryption_key_file
         return RedisTokenStore(
-            url,
+            redis_url(auth),
             identity,
             prefix=auth.redis_key_prefix,
             lock_seconds=auth.timeout + 5,

@@ -427,7 +427,7 @@ def _check_token_cache(settings: Settings) -> Settings:
         if auth.redis_encryption_key_file:
             read_encryption_key(auth.redis_encryption_key_file)
         try:
-            url = auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
+            url = redis_url(auth)
             parts = urlsplit(url)
             parts.port  # noqa: B018 - raises ValueError for a port that is not one
         except (UnicodeDecodeError, ValueError):
@@ -483,6 +483,14 @@ def require_credentials(settings: Settings) -> None:
 
 def _readable(path: str) -> bool:
     return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
+def redis_url(auth: AuthSettings) -> str:
+    """``auth.redis_url``, or the URL in ``auth.redis_url_file`` without surrounding whitespace.
+
+    Raises OSError or UnicodeDecodeError when the file cannot be read as UTF-8.
+    """
+    return auth.redis_url or Path(auth.redis_url_file).read_text(encoding="utf-8").strip()
 
 
 def read_secret_file(path: str) -> str:
