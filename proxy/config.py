@@ -400,9 +400,16 @@ def validate(settings: Settings) -> Settings:
             "auth.client_secret and auth.client_secret_file are both set; expected only one"
         )
     if settings.auth.token_cache_file:
-        parent = Path(settings.auth.token_cache_file).parent
-        if not os.access(parent, os.W_OK):
-            raise ConfigError(f"auth.token_cache_file: directory {str(parent)!r} is not writable")
+        cache_file = Path(settings.auth.token_cache_file)
+        if not os.access(cache_file.parent, os.W_OK):
+            raise ConfigError(
+                f"auth.token_cache_file: directory {str(cache_file.parent)!r} is not writable"
+            )
+        if cache_file.exists() and not cache_file.is_file():
+            raise ConfigError(
+                f"auth.token_cache_file: {str(cache_file)!r} is not a regular file; expected "
+                "the path of a file the proxy may create and replace"
+            )
     settings = _lower_choices(
         dataclasses.replace(
             settings, upstream=dataclasses.replace(settings.upstream, url=upstream_url)

@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .token_endpoint import B64TOKEN, MIN_LIFETIME, CredentialIdentity, Token
+from .token_endpoint import B64TOKEN, MAX_LIFETIME, MIN_LIFETIME, CredentialIdentity, Token
 
 log = logging.getLogger("sparks_proxy.tokens")
 
@@ -44,28 +45,41 @@ def encode(token: Token) -> dict[str, Any]:
 
 
 def decode(entry: object) -> Token | None:
-    """The token in a stored entry, if it is well-formed and still good for a while."""
+    """The token in a stored entry, if it is well-formed and still good for a while.
+
+    Anything else, whoever wrote it, counts as no entry: a new token is fetched rather than
+    one sent that cannot be timed.
+    """
     if not isinstance(entry, dict):
         return None
-    value, expires, lifetime = (
-        entry.get("access_token"),
-        entry.get("expires"),
-        entry.get("lifetime"),
-    )
+    value = entry.get("access_token")
     if not isinstance(value, str) or not B64TOKEN.fullmatch(value):
         return None  # damaged: better a new token than one that fails every request
-    if not isinstance(expires, (int, float)):
+    expires = _finite(entry.get("expires"))
+    if expires is None:
         return None
-    remaining = float(expires) - time.time()
-    if remaining < MIN_LIFETIME:
-        return None
+    remaining = expires - time.time()
+    if not MIN_LIFETIME <= remaining <= MAX_LIFETIME:
+        return None  # expired, or further off than any token the proxy would keep
+    lifetime = _finite(entry.get("lifetime"))
     scope = entry.get("scope")
     return Token(
         value=value,
         expires_at=time.monotonic() + remaining,
-        lifetime=float(lifetime) if isinstance(lifetime, (int, float)) else remaining,
+        lifetime=lifetime if lifetime is not None and 0 < lifetime <= MAX_LIFETIME else remaining,
         scope=scope if isinstance(scope, str) else "",
     )
+
+
+def _finite(number: object) -> float | None:
+    """A JSON number as a finite float; None for anything else (NaN, Infinity, 1e400, true)."""
+    if isinstance(number, bool) or not isinstance(number, (int, float)):
+        return None
+    try:
+        result = float(number)
+    except OverflowError:  # an integer past float's range
+        return None
+    return result if math.isfinite(result) else None
 
 
 class TokenStore(Protocol):
@@ -99,15 +113,40 @@ class FileTokenStore:
     def __init__(self, path: str, identity: CredentialIdentity) -> None:
         self._path = Path(path)
         self._key = fingerprint(identity)
+        self._failing: set[str] = set()
         self.healthy = True
+
+    def _outcome(self, operation: str, error: OSError | None) -> None:
+        """Note whether ``operation`` (lock, read, write) worked: healthy while all of them do.
+
+        A file that cannot be locked, read or written costs the sharing, never the token:
+        the proxy goes on alone, and readiness says so.
+        """
+        if error is None:
+            self._failing.discard(operation)
+        elif operation not in self._failing:  # one line per outage, not one per call
+            self._failing.add(operation)
+            log.warning(
+                "cannot %s auth.token_cache_file (%s); the token is not shared meanwhile",
+                operation,
+                error.strerror or type(error).__name__,
+            )
+        self.healthy = not self._failing
 
     def _entries(self) -> dict[str, Any]:
         try:
-            data = json.loads(self._path.read_text(encoding="utf-8"))
+            text = self._path.read_text(encoding="utf-8")
         except FileNotFoundError:
+            self._outcome("read", None)
             return {}
-        except (OSError, ValueError) as exc:
-            log.warning("token cache file %s is unreadable (%s); ignoring it", self._path, exc)
+        except OSError as exc:
+            self._outcome("read", exc)
+            return {}
+        self._outcome("read", None)
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):  # damaged: the next save writes it anew
+            log.warning("token cache file %s is not a token cache; ignoring it", self._path)
             return {}
         return data if isinstance(data, dict) else {}
 
@@ -133,15 +172,10 @@ class FileTokenStore:
                 self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
             )
         except OSError as exc:
-            # A read-only or vanished directory must not cost the token: go on unlocked.
-            if self.healthy:
-                log.warning(
-                    "cannot lock auth.token_cache_file (%s); going on without", exc.strerror
-                )
-            self.healthy = False
+            self._outcome("lock", exc)  # a read-only or vanished directory: go on unlocked
             yield False
             return
-        self.healthy = True
+        self._outcome("lock", None)
         try:
             deadline = time.monotonic() + wait
             locked = False
@@ -165,7 +199,9 @@ class FileTokenStore:
         try:
             await asyncio.to_thread(self._save, token)
         except OSError as exc:
-            log.warning("cannot write auth.token_cache_file (%s)", exc.strerror)
+            self._outcome("write", exc)
+        else:
+            self._outcome("write", None)
 
     def _save(self, token: Token) -> None:
         # Drop other credentials' expired entries while at it.
@@ -173,9 +209,7 @@ class FileTokenStore:
         entries = {
             key: entry
             for key, entry in self._entries().items()
-            if isinstance(entry, dict)
-            and isinstance(entry.get("expires"), (int, float))
-            and entry["expires"] > now
+            if isinstance(entry, dict) and (_finite(entry.get("expires")) or 0.0) > now
         }
         entries[self._key] = encode(token)
         self._write(json.dumps(entries).encode())

@@ -554,6 +554,13 @@ def test_a_malformed_redis_url_is_refused_without_its_password(url: str) -> None
     assert "demo-secret" not in message
 
 
+def test_a_token_cache_file_that_is_a_directory_is_refused(tmp_path: Path) -> None:
+    """A directory where the token cache file goes would silently stop the sharing."""
+    message = load_error(None, {"SPARKS_PROXY_AUTH_TOKEN_CACHE_FILE": str(tmp_path)})
+    assert message.startswith("auth.token_cache_file: ")
+    assert "not a regular file" in message
+
+
 def test_readable_secret_file_counts_as_credentials(tmp_path: Path) -> None:
     """client_id plus a readable client_secret_file are credentials; the file is not inlined."""
     secret_file = tmp_path / "client_secret"

@@ -20,7 +20,7 @@ from proxy.errors import ERROR_HEADER, TokenError
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
 from proxy.token_endpoint import CredentialIdentity, Token, TokenEndpoint, _lifetime, _parse
-from proxy.token_store import FileTokenStore
+from proxy.token_store import FileTokenStore, fingerprint
 from proxy.tokens import TokenManager
 
 from .rawhttp import RawUpstream, exchange
@@ -638,3 +638,58 @@ async def test_waiting_on_a_hung_lock_holder_takes_the_token_it_stored(
     assert token is not None
     assert token.value == "stored.by.the.holder"
     assert token_server.requests == []
+
+
+READYZ = b"GET /-/readyz HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["deep", "huge_integer", "nan", "infinity", "far_future"],
+)
+async def test_a_damaged_token_cache_entry_costs_one_token_request(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path, damage: str
+) -> None:
+    """Whatever wrote the file: no crash, no token kept forever, one fetch and a good file."""
+    cache = tmp_path / "token.json"
+    settings = make_settings(token_server, upstream, auth={"token_cache_file": str(cache)})
+    key = fingerprint(CredentialIdentity.of(settings.auth))
+    entry = {"access_token": "stale.token", "lifetime": 3600, "expires": 0}
+    expires = {
+        "huge_integer": "9" * 400,  # float(): OverflowError
+        "nan": "NaN",  # never expires, so never refreshed
+        "infinity": "Infinity",
+        "far_future": str(time.time() + 400 * 86400),  # past any token's lifetime
+    }
+    text = json.dumps({key: entry}).replace('"expires": 0', f'"expires": {expires.get(damage)}')
+    cache.write_text("[" * 100_000 if damage == "deep" else text)  # deep: RecursionError
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy)
+        forwarded = await exchange(proxy.port, GET)
+        ready = await exchange(proxy.port, READYZ)
+    assert (forwarded.status, ready.status) == (200, 200)
+    assert len(token_server.issued) == 1
+    assert upstream.received[-1].header("Authorization") == [f"Bearer {token_server.issued[0]}"]
+    assert json.loads(cache.read_text())[key]["access_token"] == token_server.issued[0]
+
+
+async def test_a_token_cache_file_that_cannot_be_read_or_written_shows_in_readiness(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """The sharing stops, never the token; /-/readyz says the shared cache is not working."""
+    cache = tmp_path / "token.json"
+    settings = make_settings(token_server, upstream, auth={"token_cache_file": str(cache)})
+    cache.mkdir()  # after the config check: as if replaced while running
+    async with Proxy(settings) as proxy:
+        await wait_ready(proxy)
+        forwarded = await exchange(proxy.port, GET)
+        broken = json.loads((await exchange(proxy.port, READYZ)).body)
+        cache.rmdir()  # a file can be written again: the next fetch shares its token
+        proxy.app[TOKENS].invalidate(proxy.app[TOKENS].current())
+        await wait_for(lambda: cache.is_file())
+        mended = json.loads((await exchange(proxy.port, READYZ)).body)
+    assert forwarded.status == 200
+    assert broken["status"] == "ready"
+    assert broken["checks"]["shared_token_cache"] == {"ok": False}
+    assert mended["checks"]["shared_token_cache"] == {"ok": True}
+    assert len(token_server.issued) == 2
