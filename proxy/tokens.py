@@ -9,7 +9,8 @@
 - Failures back off exponentially with jitter, capped at ``auth.max_backoff``; a server's
   ``Retry-After`` is honoured; bad-credential errors wait the full cap instead of hammering.
 - With a token cache file, a fetch first takes the file's lock and re-reads it: processes
-  sharing the file (``--workers``, restarts) make one token request between them.
+  sharing the file (``--workers``, restarts) make one token request between them. One that is
+  backing off looks in the file (or Redis) once a second and takes a token a sibling stored.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ MIN_USABLE = 1.0
 REPLACE_HOLD_OFF = 1.0
 MAX_REPLACE_HOLD_OFF = 300.0
 YOUNG = 60.0
+# While backing off, how often a shared store is looked at for a token another process got.
+STORE_RECHECK = 1.0
 
 
 def _expiry(_key: object, token: Token, _now: float) -> float:
@@ -76,6 +79,7 @@ class TokenManager:
         self._obtained_at = 0.0
         self._failures = 0
         self._retry_at = 0.0
+        self._store_checked_at = 0.0
         self._hold_off = 0.0
         self._rejected: collections.deque[str] = collections.deque(maxlen=4)
         self.last_error: TokenError | None = None
@@ -186,7 +190,10 @@ class TokenManager:
         if self._inflight is None:
             wait = self.retry_after()
             if wait > 0:
-                raise self._unavailable(wait)
+                adopted = await self._adopt_shared()
+                if adopted is None:
+                    raise self._unavailable(wait)
+                return adopted
             self._inflight = asyncio.create_task(self._fetch(), name="token-fetch")
         try:
             return await asyncio.shield(self._inflight)
@@ -217,10 +224,28 @@ class TokenManager:
             raise failure from None
         finally:
             self._inflight = None
+        self._succeeded(token)
+        return token
+
+    def _succeeded(self, token: Token) -> None:
         self._failures = 0
         self._retry_at = 0.0
         self.last_error = None
         self._hold(token)
+
+    async def _adopt_shared(self) -> Token | None:
+        """While backing off: the token another process stored meanwhile, if any.
+
+        Our failure (a 429, an outage) says nothing of the token a sibling got: it is taken
+        at once rather than after our backoff. Looked for at most once per STORE_RECHECK.
+        """
+        now = time.monotonic()
+        if self._store is None or now < self._store_checked_at + STORE_RECHECK:
+            return None
+        self._store_checked_at = now
+        token = await self._shared_token()
+        if token is not None:
+            self._succeeded(token)
         return token
 
     async def _shared_is_ready(self) -> bool:
@@ -293,7 +318,12 @@ class TokenManager:
         while True:
             now = time.monotonic()
             due = self._refresh_at if self.current() is not None else now
-            due = max(due, self._retry_at)
+            if self._retry_at > max(due, now):  # backing off
+                if await self._adopt_shared() is not None:
+                    continue
+                due = self._retry_at
+                if self._store is not None:  # a sibling may get a token meanwhile
+                    due = min(due, self._store_checked_at + STORE_RECHECK)
             if due > now:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

@@ -693,3 +693,26 @@ async def test_a_token_cache_file_that_cannot_be_read_or_written_shows_in_readin
     assert broken["checks"]["shared_token_cache"] == {"ok": False}
     assert mended["checks"]["shared_token_cache"] == {"ok": True}
     assert len(token_server.issued) == 2
+
+
+async def test_a_proxy_backing_off_takes_the_token_a_sibling_stored(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path
+) -> None:
+    """Two proxies share a file; one is told to wait 30 s (429): it takes the other's token."""
+    token_server.failures = ["429"]
+    token_server.retry_after = 30
+    settings = make_settings(
+        token_server, upstream, auth={"token_cache_file": str(tmp_path / "token.json")}
+    )
+    async with Proxy(settings) as a, Proxy(settings) as b:
+        # The first fetch got the 429 and backs off; the other proxy's fetch got a token.
+        await wait_for(lambda: len(token_server.issued) == 1, timeout=5)
+        await wait_ready(a, timeout=5)
+        await wait_ready(b, timeout=5)
+        statuses = [(await exchange(proxy.port, GET)).status for proxy in (a, b)]
+        backing_off = [p for p in (a, b) if p.app[TOKENS].retry_after() > 0]
+    assert statuses == [200, 200]
+    assert len(token_server.requests) == 2  # the 429, then the one token for both
+    assert backing_off == []  # the token taken ended the backoff
+    bearer = [f"Bearer {token_server.issued[0]}"]
+    assert [r.header("Authorization") for r in upstream.received[-2:]] == [bearer, bearer]
