@@ -4,7 +4,8 @@ Each worker is a whole proxy (its own event loop, listener and upstream pool) bo
 SO_REUSEPORT, so the kernel spreads connections across them. They share one token through the
 token cache file and its lock (:mod:`proxy.token_store`), or through Redis when configured: the
 first worker to need a token fetches it, the others read it. With ``auth.token_cache`` left at
-"memory" the supervisor makes a private file (in a mode-0700 directory) and removes it at exit.
+"memory" the supervisor makes a private file (in a mode-0700 directory) and removes it at exit;
+if the supervisor is killed, the workers remove it as they stop.
 
 The supervisor only watches: a worker that dies is restarted (after 1 s, doubling to 30 s
 while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, which drains as a
@@ -43,18 +44,30 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 EXIT_CONFIG = 2
 
 
-def _worker(settings: Settings, index: int, supervisor: int) -> None:
-    """A worker process: one proxy sharing the port, until SIGTERM/SIGINT."""
-    from .server import run, run_loop  # imported here: the spawned process starts clean
+def _worker(settings: Settings, index: int, supervisor: int, private_dir: str | None) -> None:
+    """A worker process: one proxy sharing the port, until SIGTERM or SIGINT.
 
-    _stop_with(supervisor)
-    logs.configure(settings.log)
-    log.info("worker %d (pid %d) starting", index, os.getpid())
+    If the supervisor is gone when the worker stops, the worker removes the supervisor's
+    ``private_dir`` (the shared token).
+    """
+    # Until run() takes SIGTERM over, it must still end the worker through the clean-up below
+    # (the kernel sends it when the supervisor dies, maybe while the worker is starting).
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        from .server import run, run_loop  # imported here: the spawned process starts clean
+
+        _stop_with(supervisor)
+        logs.configure(settings.log)
+        log.info("worker %d (pid %d) starting", index, os.getpid())
         run_loop(run(settings, reuse_port=True))
     except ConfigError as error:
         log.error("worker %d: %s", index, error)
         sys.exit(EXIT_CONFIG)
+    finally:
+        if private_dir is not None and os.getppid() != supervisor:
+            # The supervisor was killed and cannot remove it: the last worker out leaves no
+            # live token behind.
+            shutil.rmtree(private_dir, ignore_errors=True)
 
 
 def serve_workers(settings: Settings, count: int) -> None:
@@ -66,19 +79,6 @@ def serve_workers(settings: Settings, count: int) -> None:
     if settings.server.port == 0:
         raise ConfigError("server.workers: needs a fixed server.port (workers share it)")
     _check_port(settings.server.host, settings.server.port)
-    private_dir = None
-    if settings.auth.token_cache == "memory":
-        # Workers must share their token somehow: a private file unless told otherwise (a
-        # configured file or Redis already is shared).
-        private_dir = tempfile.mkdtemp(prefix="sparks-proxy-")  # mode 0700
-        settings = dataclasses.replace(
-            settings,
-            auth=dataclasses.replace(
-                settings.auth,
-                token_cache="file",
-                token_cache_file=str(Path(private_dir, "token.json")),
-            ),
-        )
     stopping = False
     fatal: ConfigError | None = None
 
@@ -88,19 +88,32 @@ def serve_workers(settings: Settings, count: int) -> None:
 
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, stop) for sig in signals}
-    context = multiprocessing.get_context("spawn")
-    workers: dict[int, tuple[BaseProcess, float]] = {}
-    delays = dict.fromkeys(range(count), RESTART_DELAY)
-    restart_at: dict[int, float] = {}
+    private_dir = None
     try:
+        if settings.auth.token_cache == "memory":
+            # Workers must share their token somehow: a private file unless told otherwise (a
+            # configured file or Redis already is shared).
+            private_dir = tempfile.mkdtemp(prefix="sparks-proxy-")  # mode 0700
+            settings = dataclasses.replace(
+                settings,
+                auth=dataclasses.replace(
+                    settings.auth,
+                    token_cache="file",
+                    token_cache_file=str(Path(private_dir, "token.json")),
+                ),
+            )
+        context = multiprocessing.get_context("spawn")
+        workers: dict[int, tuple[BaseProcess, float]] = {}
+        delays = dict.fromkeys(range(count), RESTART_DELAY)
+        restart_at: dict[int, float] = {}
         for index in range(count):
-            workers[index] = _start(context, settings, index)
+            workers[index] = _start(context, settings, index, private_dir)
         while not stopping:
             now = time.monotonic()
             for index, due in list(restart_at.items()):
                 if now >= due:
                     del restart_at[index]
-                    workers[index] = _start(context, settings, index)
+                    workers[index] = _start(context, settings, index, private_dir)
             for index, (process, started) in list(workers.items()):
                 if process.is_alive():
                     continue
@@ -172,11 +185,18 @@ def _stop_with(supervisor: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # the status a shell gives a death by this signal
+
+
 def _start(
-    context: multiprocessing.context.SpawnContext, settings: Settings, index: int
+    context: multiprocessing.context.SpawnContext,
+    settings: Settings,
+    index: int,
+    private_dir: str | None,
 ) -> tuple[BaseProcess, float]:
     process = context.Process(
-        target=_worker, args=(settings, index, os.getpid()), name=f"worker-{index}"
+        target=_worker, args=(settings, index, os.getpid(), private_dir), name=f"worker-{index}"
     )
     process.start()
     return process, time.monotonic()

@@ -7,6 +7,8 @@ import signal
 import socket
 from pathlib import Path
 
+import pytest
+
 from proxy.standins import StandInTokenServer, StandInUpstream
 
 from .support import free_port, get_statuses
@@ -22,6 +24,16 @@ from .test_cli import (
 )
 
 __all__ = ["api", "issuer"]  # fixtures, re-used
+
+
+def worker_env(tmp_path: Path) -> dict[str, str]:
+    """The CLI's environment, its temporary files (the private token directory) in tmp_path."""
+    return cli_env(TMPDIR=str(tmp_path))
+
+
+def assert_no_private_dir(tmp_path: Path) -> None:
+    """No private token directory (and so no live token) was left behind."""
+    assert not list(tmp_path.glob("sparks-proxy-*"))
 
 
 def children(pid: int) -> set[int]:
@@ -51,7 +63,7 @@ async def test_workers_share_one_token_and_survive_a_crash(
     )
     url = f"http://127.0.0.1:{port}"
     args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
-    async with cli_process(args, tmp_path, cli_env()) as proc:
+    async with cli_process(args, tmp_path, worker_env(tmp_path)) as proc:
         await wait_ready(proc, url)
         await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
         statuses = await get_statuses(f"{url}/burst/{i}" for i in range(300))
@@ -84,31 +96,38 @@ async def test_workers_share_one_token_and_survive_a_crash(
     assert status == 0, stderr
     assert "Traceback" not in stderr
     assert not any(Path(f"/proc/{pid}").exists() for pid in survivors)
+    assert_no_private_dir(tmp_path)
 
 
 async def test_workers_need_a_fixed_port(tmp_path: Path, issuer: StandInTokenServer) -> None:
     """``--workers`` with port 0 is a configuration error (they could not share it)."""
     config = auth_config(tmp_path, issuer)
     args = ["serve", "--config", config, "--port", "0", "--workers", "2"]
-    async with cli_process(args, tmp_path, cli_env()) as proc:
+    async with cli_process(args, tmp_path, worker_env(tmp_path)) as proc:
         status, _, stderr = await finish(proc, 20)
     assert status == 2
     assert "server.workers" in stderr
+    assert_no_private_dir(tmp_path)
 
 
 async def _async(value: bool) -> bool:
     return value
 
 
+@pytest.mark.parametrize("serving", [True, False], ids=["serving", "starting"])
 async def test_workers_do_not_outlive_a_killed_supervisor(
-    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, serving: bool
 ) -> None:
-    """SIGKILL to the supervisor: the kernel stops its workers too; nothing keeps the port."""
+    """SIGKILL to the supervisor: the kernel stops its workers, which remove its private token.
+
+    Also while they are starting: before they serve, even before they ask the kernel for it.
+    """
     port = free_port()
     config = auth_config(tmp_path, issuer, extra=f'[upstream]\nurl = "{api.url}"\n')
     args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
-    async with cli_process(args, tmp_path, cli_env()) as proc:
-        await wait_ready(proc, f"http://127.0.0.1:{port}")
+    async with cli_process(args, tmp_path, worker_env(tmp_path)) as proc:
+        if serving:
+            await wait_ready(proc, f"http://127.0.0.1:{port}")
         await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
         workers = children(proc.pid)
         proc.kill()
@@ -118,6 +137,7 @@ async def test_workers_do_not_outlive_a_killed_supervisor(
             10,
             "the workers to stop",
         )
+    assert_no_private_dir(tmp_path)
 
 
 async def test_workers_on_a_taken_port_exit_2(tmp_path: Path, issuer: StandInTokenServer) -> None:
@@ -128,8 +148,9 @@ async def test_workers_on_a_taken_port_exit_2(tmp_path: Path, issuer: StandInTok
         port = taken.getsockname()[1]
         config = auth_config(tmp_path, issuer)
         args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
-        async with cli_process(args, tmp_path, cli_env()) as proc:
+        async with cli_process(args, tmp_path, worker_env(tmp_path)) as proc:
             status, _, stderr = await finish(proc, 20)
     assert status == 2
     assert "server.port" in stderr
     assert "Traceback" not in stderr
+    assert_no_private_dir(tmp_path)
