@@ -1,8 +1,9 @@
 """Server lifecycle, top to bottom: start the app, listen, wait for a signal, drain, stop.
 
-On SIGTERM or SIGINT: readiness fails at once, the listening socket closes (no new
-connections), idle keep-alive connections close, in-flight requests get ``server.shutdown_grace``
-seconds to finish, then the app's resources close and the process exits 0.
+On SIGTERM or SIGINT, or SIGHUP (a closed terminal) unless it was ignored from the start (as
+under ``nohup``): readiness fails at once, the listening socket closes (no new connections),
+idle keep-alive connections close, in-flight requests get ``server.shutdown_grace`` seconds to
+finish, then the app's resources close and the process exits 0.
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ class Proxy:
         await self.stop()
 
 
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop the proxy gracefully: SIGTERM, SIGINT, and SIGHUP unless ignored.
+
+    SIGHUP ignored from the start means ``nohup`` (or a worker, whose supervisor orchestrates
+    the stop): a closed terminal must then not stop it.
+    """
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    return signals
+
+
 def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on uvloop when it is installed (the ``fast`` extra), else on asyncio's."""
     try:
@@ -131,10 +144,10 @@ async def run(
     *,
     reuse_port: bool = False,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve until one of :func:`stop_signals`, then shut down gracefully."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in stop_signals():
         loop.add_signal_handler(sig, stop.set)
     async with Proxy(settings, reuse_port=reuse_port) as proxy:
         if on_ready is not None:

@@ -9,9 +9,11 @@ if the supervisor is killed, the workers remove it as they stop.
 
 The supervisor only watches: a worker that dies is restarted (after 1 s, doubling to 30 s
 while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, which drains as a
-single proxy does, and the supervisor exits 0 once they have. SIGHUP stops them too (a closed
-terminal). A port that cannot be had, or a worker exiting with status 2 (unusable settings),
-stops everything with status 2 instead of restarting forever.
+single proxy does, and the supervisor exits 0 once they have. SIGHUP does the same (a closed
+terminal signals the whole process group: the workers ignore it and the supervisor drains
+them), unless it was ignored when the supervisor started (``nohup``). A port that cannot be had,
+or a worker exiting with status 2 (unusable settings), stops everything with status 2 instead
+of restarting forever.
 """
 
 from __future__ import annotations
@@ -47,9 +49,12 @@ EXIT_CONFIG = 2
 def _worker(settings: Settings, index: int, supervisor: int, private_dir: str | None) -> None:
     """A worker process: one proxy sharing the port, until SIGTERM or SIGINT.
 
-    If the supervisor is gone when the worker stops, the worker removes the supervisor's
-    ``private_dir`` (the shared token).
+    SIGHUP is ignored: the supervisor stops the workers on it. If the supervisor is gone when
+    the worker stops, the worker removes the supervisor's ``private_dir`` (the shared token).
     """
+    # SIGHUP came blocked (see _start) so that it could not kill the worker before this line.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     # Until run() takes SIGTERM over, it must still end the worker through the clean-up below
     # (the kernel sends it when the supervisor dies, maybe while the worker is starting).
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -79,6 +84,8 @@ def serve_workers(settings: Settings, count: int) -> None:
     if settings.server.port == 0:
         raise ConfigError("server.workers: needs a fixed server.port (workers share it)")
     _check_port(settings.server.host, settings.server.port)
+    from .server import stop_signals  # not at the top: a spawned worker imports this module first
+
     stopping = False
     fatal: ConfigError | None = None
 
@@ -86,8 +93,7 @@ def serve_workers(settings: Settings, count: int) -> None:
         nonlocal stopping
         stopping = True
 
-    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
     private_dir = None
     try:
         if settings.auth.token_cache == "memory":
@@ -198,5 +204,11 @@ def _start(
     process = context.Process(
         target=_worker, args=(settings, index, os.getpid(), private_dir), name=f"worker-{index}"
     )
-    process.start()
+    # The worker inherits the signal mask: SIGHUP stays blocked until it has ignored it. One
+    # arriving meanwhile is held for the supervisor until the mask is restored.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     return process, time.monotonic()

@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -111,10 +111,20 @@ async def run_cli(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int,
 
 @asynccontextmanager
 async def cli_process(
-    args: list[str], cwd: Path, env: dict[str, str]
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str],
+    *,
+    wrapper: Sequence[str] = (),
+    **options: Any,
 ) -> AsyncIterator[asyncio.subprocess.Process]:
-    """A long-running ``python -m proxy ARGS``; killed on the way out if still running."""
+    """A long-running ``python -m proxy ARGS``; killed on the way out if still running.
+
+    ``wrapper`` is a command it runs under (e.g. ``nohup``); ``options`` go to
+    :func:`asyncio.create_subprocess_exec` (e.g. ``start_new_session``).
+    """
     proc = await asyncio.create_subprocess_exec(
+        *wrapper,
         sys.executable,
         "-m",
         "proxy",
@@ -123,6 +133,7 @@ async def cli_process(
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        **options,
     )
     try:
         yield proc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from .test_cli import (
     finish,
     issuer,
     poll,
+    readyz_status,
     wait_ready,
 )
 
@@ -152,5 +154,86 @@ async def test_workers_on_a_taken_port_exit_2(tmp_path: Path, issuer: StandInTok
             status, _, stderr = await finish(proc, 20)
     assert status == 2
     assert "server.port" in stderr
+    assert "Traceback" not in stderr
+    assert_no_private_dir(tmp_path)
+
+
+def hangup_config(tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream) -> str:
+    """Settings for the SIGHUP tests: in-flight requests get 5 s to finish."""
+    return auth_config(
+        tmp_path,
+        issuer,
+        extra=f'''
+        [server]
+        shutdown_grace = 5
+        [upstream]
+        url = "{api.url}"
+        [log]
+        access = false
+        ''',
+    )
+
+
+ONE_PROCESS_OR_WORKERS = pytest.mark.parametrize(
+    "workers", [["--workers", "2"], []], ids=["two-workers", "one-process"]
+)
+
+
+@ONE_PROCESS_OR_WORKERS
+async def test_a_closed_terminal_drains_in_flight_requests(
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: list[str]
+) -> None:
+    """SIGHUP to the whole process group (a closed terminal) drains, as SIGTERM does."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = hangup_config(tmp_path, issuer, api)
+    args = ["serve", "--config", config, "--port", str(port), *workers]
+    env = worker_env(tmp_path)
+    # A session of its own: its process group is what a terminal would signal.
+    async with cli_process(args, tmp_path, env, start_new_session=True) as proc:
+        await wait_ready(proc, url)
+        if workers:
+            await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        targets = [f"/slow/2?n={i}" for i in range(8)]
+        in_flight = asyncio.create_task(get_statuses(url + target for target in targets))
+        try:
+            await poll(
+                lambda: _async({r.target for r in api.received} >= set(targets)),
+                5,
+                "the slow requests to reach the upstream",
+            )
+            os.killpg(proc.pid, signal.SIGHUP)
+            assert await asyncio.wait_for(in_flight, 10) == [200] * len(targets)
+        finally:
+            in_flight.cancel()
+        status, _, stderr = await finish(proc, 20)
+    assert status == 0, stderr
+    assert "Traceback" not in stderr
+    assert_no_private_dir(tmp_path)
+
+
+@ONE_PROCESS_OR_WORKERS
+async def test_under_nohup_a_closed_terminal_changes_nothing(
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: list[str]
+) -> None:
+    """Started with SIGHUP ignored, the proxy keeps serving through one; SIGTERM still stops it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = hangup_config(tmp_path, issuer, api)
+    args = ["serve", "--config", config, "--port", str(port), *workers]
+    env = worker_env(tmp_path)
+    async with cli_process(args, tmp_path, env, wrapper=["nohup"], start_new_session=True) as proc:
+        await wait_ready(proc, url)
+        if workers:
+            await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        before = children(proc.pid)
+        os.killpg(proc.pid, signal.SIGHUP)
+        await asyncio.sleep(0.5)  # ample time to start draining, had SIGHUP been taken for a stop
+        assert await readyz_status(url) == 200
+        assert await get_statuses([f"{url}/after-sighup"]) == [200]
+        assert children(proc.pid) == before  # the same workers: none stopped and restarted
+        proc.send_signal(signal.SIGTERM)
+        status, _, stderr = await finish(proc, 20)
+    assert status == 0, stderr
     assert "Traceback" not in stderr
     assert_no_private_dir(tmp_path)
