@@ -130,7 +130,7 @@ def serve_workers(settings: Settings, count: int) -> None:
                         f"server.workers: worker {index} could not start; see its log"
                     )
                     break
-                lived = now - started
+                lived = time.monotonic() - started  # `now` predates restarts made in this pass
                 delay = RESTART_DELAY if lived >= STABLE_AFTER else delays[index]
                 delays[index] = min(delay * 2, MAX_RESTART_DELAY)  # if it dies young again
                 log.error(
