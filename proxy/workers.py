@@ -99,7 +99,7 @@ def serve_workers(settings: Settings, count: int) -> None:
         if settings.auth.token_cache == "memory":
             # Workers must share their token somehow: a private file unless told otherwise (a
             # configured file or Redis already is shared).
-            private_dir = tempfile.mkdtemp(prefix="sparks-proxy-")  # mode 0700
+            private_dir = _private_dir()
             settings = dataclasses.replace(
                 settings,
                 auth=dataclasses.replace(
@@ -164,6 +164,18 @@ def serve_workers(settings: Settings, count: int) -> None:
             shutil.rmtree(private_dir, ignore_errors=True)
     if fatal is not None:
         raise fatal
+
+
+def _private_dir() -> str:
+    """A new mode-0700 directory for the workers' shared token file."""
+    try:
+        return tempfile.mkdtemp(prefix="sparks-proxy-")
+    except OSError as exc:  # e.g. a read-only root filesystem with no writable /tmp
+        raise ConfigError(
+            f"server.workers: cannot make a directory for the shared token in "
+            f"{tempfile.gettempdir()!r} ({exc.strerror}); set auth.token_cache_file to a "
+            "writable path, or TMPDIR"
+        ) from None
 
 
 def _check_port(host: str, port: int) -> None:

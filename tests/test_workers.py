@@ -6,11 +6,15 @@ import asyncio
 import os
 import signal
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from proxy import config
+from proxy.errors import ConfigError
 from proxy.standins import StandInTokenServer, StandInUpstream
+from proxy.workers import serve_workers
 
 from .support import free_port, get_statuses
 from .test_cli import (
@@ -237,3 +241,16 @@ async def test_under_nohup_a_closed_terminal_changes_nothing(
     assert status == 0, stderr
     assert "Traceback" not in stderr
     assert_no_private_dir(tmp_path)
+
+
+def test_workers_without_a_writable_temporary_directory_say_what_to_set(
+    tmp_path: Path, issuer: StandInTokenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No place for the private token file (a read-only root): a config error, no worker."""
+    settings = config.load(auth_config(tmp_path, issuer), {}, {"server.port": free_port()})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))  # as TMPDIR would
+    with pytest.raises(ConfigError) as raised:
+        serve_workers(settings, 2)
+    message = str(raised.value)
+    assert message.startswith("server.workers: cannot make a directory for the shared token")
+    assert "auth.token_cache_file" in message
