@@ -27,6 +27,10 @@ from .token_endpoint import B64TOKEN, MAX_LIFETIME, MIN_LIFETIME, CredentialIden
 
 log = logging.getLogger("sparks_proxy.tokens")
 
+# Hosts sharing a store disagree on the time by a little (or one's clock steps): a token
+# stored by another with MAX_LIFETIME left may seem to have a little more.
+CLOCK_SLACK = 300.0
+
 
 def fingerprint(identity: CredentialIdentity) -> str:
     """A stable, non-secret name for a credential."""
@@ -59,7 +63,7 @@ def decode(entry: object) -> Token | None:
     if expires is None:
         return None
     remaining = expires - time.time()
-    if not MIN_LIFETIME <= remaining <= MAX_LIFETIME:
+    if not MIN_LIFETIME <= remaining <= MAX_LIFETIME + CLOCK_SLACK:
         return None  # expired, or further off than any token the proxy would keep
     lifetime = _finite(entry.get("lifetime"))
     scope = entry.get("scope")
@@ -80,6 +84,27 @@ def _finite(number: object) -> float | None:
     except OverflowError:  # an integer past float's range
         return None
     return result if math.isfinite(result) else None
+
+
+def _read_entries(path: Path) -> tuple[dict[str, Any], str | None]:
+    """A token cache file's entries, and what kept them from being read, if anything.
+
+    A missing file holds no entries. A damaged one (not UTF-8, not JSON, not an object) holds
+    none either, and the next save writes it anew.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, exc.strerror or type(exc).__name__
+    try:
+        data = json.loads(raw)  # from bytes: bad UTF-8 is a ValueError, as bad JSON is
+    except (ValueError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        return {}, "not a token cache file"
+    return data, None
 
 
 class TokenStore(Protocol):
@@ -116,43 +141,32 @@ class FileTokenStore:
         self._failing: set[str] = set()
         self.healthy = True
 
-    def _outcome(self, operation: str, error: OSError | None) -> None:
+    def _outcome(self, operation: str, problem: str | None) -> None:
         """Note whether ``operation`` (lock, read, write) worked: healthy while all of them do.
 
-        A file that cannot be locked, read or written costs the sharing, never the token:
-        the proxy goes on alone, and readiness says so.
+        A file that cannot be locked, read or written costs the sharing, never the token: the
+        proxy goes on alone, and readiness says so until the operation works again (a write:
+        at the next token fetch, since until then the held token was not shared). Called on
+        the event loop's thread only.
         """
-        if error is None:
-            self._failing.discard(operation)
+        if problem is None:
+            if operation in self._failing:
+                self._failing.discard(operation)
+                log.info("auth.token_cache_file: %s works again", operation)
         elif operation not in self._failing:  # one line per outage, not one per call
             self._failing.add(operation)
             log.warning(
                 "cannot %s auth.token_cache_file (%s); the token is not shared meanwhile",
                 operation,
-                error.strerror or type(error).__name__,
+                problem,
             )
         self.healthy = not self._failing
 
-    def _entries(self) -> dict[str, Any]:
-        try:
-            text = self._path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            self._outcome("read", None)
-            return {}
-        except OSError as exc:
-            self._outcome("read", exc)
-            return {}
-        self._outcome("read", None)
-        try:
-            data = json.loads(text)
-        except (ValueError, RecursionError):  # damaged: the next save writes it anew
-            log.warning("token cache file %s is not a token cache; ignoring it", self._path)
-            return {}
-        return data if isinstance(data, dict) else {}
-
     async def load(self) -> Token | None:
         """The stored token for this credential, if it is still good for a while."""
-        return decode(self._entries().get(self._key))  # a small file: read in place
+        entries, problem = _read_entries(self._path)  # a small file: read in place
+        self._outcome("read", problem)
+        return decode(entries.get(self._key))
 
     async def close(self) -> None:
         """Nothing to let go of: the file is opened per call."""
@@ -172,7 +186,8 @@ class FileTokenStore:
                 self._path.with_name(self._path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600
             )
         except OSError as exc:
-            self._outcome("lock", exc)  # a read-only or vanished directory: go on unlocked
+            # A read-only or vanished directory: go on unlocked.
+            self._outcome("lock", exc.strerror or type(exc).__name__)
             yield False
             return
         self._outcome("lock", None)
@@ -199,16 +214,17 @@ class FileTokenStore:
         try:
             await asyncio.to_thread(self._save, token)
         except OSError as exc:
-            self._outcome("write", exc)
+            self._outcome("write", exc.strerror or type(exc).__name__)
         else:
             self._outcome("write", None)
+            self._outcome("read", None)  # the file is now one this process wrote
 
     def _save(self, token: Token) -> None:
         # Drop other credentials' expired entries while at it.
         now = time.time()
         entries = {
             key: entry
-            for key, entry in self._entries().items()
+            for key, entry in _read_entries(self._path)[0].items()  # on a thread: noted by save()
             if isinstance(entry, dict) and (_finite(entry.get("expires")) or 0.0) > now
         }
         entries[self._key] = encode(token)

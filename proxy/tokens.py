@@ -10,7 +10,7 @@
   ``Retry-After`` is honoured; bad-credential errors wait the full cap instead of hammering.
 - With a token cache file, a fetch first takes the file's lock and re-reads it: processes
   sharing the file (``--workers``, restarts) make one token request between them. One that is
-  backing off looks in the file (or Redis) once a second and takes a token a sibling stored.
+  backing off looks in the file (or Redis) every second and takes a token a sibling stored.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ class TokenManager:
         self._obtained_at = 0.0
         self._failures = 0
         self._retry_at = 0.0
-        self._store_checked_at = 0.0
         self._hold_off = 0.0
         self._rejected: collections.deque[str] = collections.deque(maxlen=4)
         self.last_error: TokenError | None = None
@@ -190,10 +189,7 @@ class TokenManager:
         if self._inflight is None:
             wait = self.retry_after()
             if wait > 0:
-                adopted = await self._adopt_shared()
-                if adopted is None:
-                    raise self._unavailable(wait)
-                return adopted
+                raise self._unavailable(wait)
             self._inflight = asyncio.create_task(self._fetch(), name="token-fetch")
         try:
             return await asyncio.shield(self._inflight)
@@ -233,20 +229,22 @@ class TokenManager:
         self.last_error = None
         self._hold(token)
 
-    async def _adopt_shared(self) -> Token | None:
-        """While backing off: the token another process stored meanwhile, if any.
+    async def _adopt_shared(self) -> bool:
+        """While backing off: take the token another process stored meanwhile, if any.
 
         Our failure (a 429, an outage) says nothing of the token a sibling got: it is taken
-        at once rather than after our backoff. Looked for at most once per STORE_RECHECK.
+        at once rather than after our backoff.
         """
-        now = time.monotonic()
-        if self._store is None or now < self._store_checked_at + STORE_RECHECK:
-            return None
-        self._store_checked_at = now
-        token = await self._shared_token()
-        if token is not None:
-            self._succeeded(token)
-        return token
+        try:
+            token = await self._shared_token()
+        except Exception as exc:  # the refresher must outlive a broken store too
+            log.error("unexpected error reading the shared token (%s)", type(exc).__name__)
+            return False
+        # While the store answered, the backoff may have ended and a fetch begun: leave it be.
+        if token is None or self._inflight is not None or self.retry_after() == 0:
+            return False
+        self._succeeded(token)
+        return True
 
     async def _shared_is_ready(self) -> bool:
         return await self._shared_token(quiet=True) is not None
@@ -316,16 +314,17 @@ class TokenManager:
 
     async def _refresh_loop(self) -> None:
         while True:
+            self._wake.clear()  # before reading the state: a change from here on wakes the wait
             now = time.monotonic()
             due = self._refresh_at if self.current() is not None else now
             if self._retry_at > max(due, now):  # backing off
-                if await self._adopt_shared() is not None:
-                    continue
                 due = self._retry_at
                 if self._store is not None:  # a sibling may get a token meanwhile
-                    due = min(due, self._store_checked_at + STORE_RECHECK)
+                    if await self._adopt_shared():
+                        continue
+                    now = time.monotonic()
+                    due = min(due, now + STORE_RECHECK)
             if due > now:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), due - now)
                 continue

@@ -19,8 +19,15 @@ from proxy.config import Secret
 from proxy.errors import ERROR_HEADER, TokenError
 from proxy.server import Proxy
 from proxy.standins import DEMO_CLIENT_SECRET, StandInTokenServer, StandInUpstream
-from proxy.token_endpoint import CredentialIdentity, Token, TokenEndpoint, _lifetime, _parse
-from proxy.token_store import FileTokenStore, fingerprint
+from proxy.token_endpoint import (
+    MAX_LIFETIME,
+    CredentialIdentity,
+    Token,
+    TokenEndpoint,
+    _lifetime,
+    _parse,
+)
+from proxy.token_store import FileTokenStore, decode, fingerprint
 from proxy.tokens import TokenManager
 
 from .rawhttp import RawUpstream, exchange
@@ -645,7 +652,7 @@ READYZ = b"GET /-/readyz HTTP/1.1\r\nHost: proxy.test\r\n\r\n"
 
 @pytest.mark.parametrize(
     "damage",
-    ["deep", "huge_integer", "nan", "infinity", "far_future"],
+    ["deep", "not_utf8", "huge_integer", "nan", "infinity", "far_future"],
 )
 async def test_a_damaged_token_cache_entry_costs_one_token_request(
     token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path, damage: str
@@ -662,7 +669,8 @@ async def test_a_damaged_token_cache_entry_costs_one_token_request(
         "far_future": str(time.time() + 400 * 86400),  # past any token's lifetime
     }
     text = json.dumps({key: entry}).replace('"expires": 0', f'"expires": {expires.get(damage)}')
-    cache.write_text("[" * 100_000 if damage == "deep" else text)  # deep: RecursionError
+    damaged = {"deep": b"[" * 100_000, "not_utf8": b'{"\xff\xfe": 1}'}  # RecursionError, and
+    cache.write_bytes(damaged.get(damage, text.encode()))  # UnicodeDecodeError
     async with Proxy(settings) as proxy:
         await wait_ready(proxy)
         forwarded = await exchange(proxy.port, GET)
@@ -686,7 +694,7 @@ async def test_a_token_cache_file_that_cannot_be_read_or_written_shows_in_readin
         broken = json.loads((await exchange(proxy.port, READYZ)).body)
         cache.rmdir()  # a file can be written again: the next fetch shares its token
         proxy.app[TOKENS].invalidate(proxy.app[TOKENS].current())
-        await wait_for(lambda: cache.is_file())
+        await wait_for(lambda: proxy.app[TOKENS].shared_cache_healthy is True)
         mended = json.loads((await exchange(proxy.port, READYZ)).body)
     assert forwarded.status == 200
     assert broken["status"] == "ready"
@@ -716,3 +724,43 @@ async def test_a_proxy_backing_off_takes_the_token_a_sibling_stored(
     assert backing_off == []  # the token taken ended the backoff
     bearer = [f"Bearer {token_server.issued[0]}"]
     assert [r.header("Authorization") for r in upstream.received[-2:]] == [bearer, bearer]
+
+
+async def test_the_refresher_outlives_a_store_that_fails_while_it_backs_off(
+    token_server: StandInTokenServer, upstream: StandInUpstream, tmp_path: Path, logs: LogCapture
+) -> None:
+    """A store raising while the manager looks in it during a backoff: a token all the same."""
+    token_server.failures = ["429"]
+    token_server.retry_after = 1
+    settings = make_settings(
+        token_server, upstream, auth={"token_cache_file": str(tmp_path / "token.json")}
+    )
+    loads = 0
+
+    class FailingOnceStore(FileTokenStore):
+        async def load(self) -> Token | None:
+            nonlocal loads
+            loads += 1
+            if loads == 3:  # at start, before the 429, then this one: during the backoff
+                raise RuntimeError("store broke")
+            return await super().load()
+
+    store = FailingOnceStore(str(tmp_path / "token.json"), CredentialIdentity.of(settings.auth))
+    async with client_session(settings) as session:
+        tokens = TokenManager(settings.auth, TokenEndpoint(settings.auth, session), store=store)
+        await tokens.start()
+        try:
+            await wait_for(lambda: tokens.current() is not None, timeout=6)
+        finally:
+            await tokens.close()
+    assert loads >= 4
+    assert len(token_server.issued) == 1
+    assert "unexpected error reading the shared token (RuntimeError)" in logs.text()
+
+
+def test_a_stored_token_from_a_clock_a_little_ahead_is_taken() -> None:
+    """Another host's clock a minute ahead: its 30-day token is not taken for a damaged one."""
+    entry = {"access_token": "a.b", "expires": time.time() + MAX_LIFETIME + 60, "lifetime": 1}
+    token = decode(entry)
+    assert token is not None
+    assert token.remaining() > MAX_LIFETIME
