@@ -23,6 +23,7 @@ import dataclasses
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.resource_tracker
 import os
 import shutil
 import signal
@@ -44,17 +45,21 @@ MAX_RESTART_DELAY = 30.0
 STABLE_AFTER = 60.0  # a worker that lived this long resets the restart delay
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 EXIT_CONFIG = 2
+# Sent by a terminal to its whole foreground process group (Ctrl-C, hang-up).
+_TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP}
 
 
 def _worker(settings: Settings, index: int, supervisor: int, private_dir: str | None) -> None:
-    """A worker process: one proxy sharing the port, until SIGTERM or SIGINT.
+    """A worker process: one proxy sharing the port, until SIGTERM.
 
-    SIGHUP is ignored: the supervisor stops the workers on it. If the supervisor is gone when
-    the worker stops, the worker removes the supervisor's ``private_dir`` (the shared token).
+    A terminal's SIGINT (Ctrl-C) and SIGHUP reach the whole process group: the worker ignores
+    them and the supervisor stops the workers on them. If the supervisor is gone when the worker
+    stops, the worker removes the supervisor's ``private_dir`` (the shared token).
     """
-    # SIGHUP came blocked (see _start) so that it could not kill the worker before this line.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+    # They came blocked (see _start) so that neither could kill the worker before this line.
+    for sig in _TERMINAL_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _TERMINAL_SIGNALS)
     # Until run() takes SIGTERM over, it must still end the worker through the clean-up below
     # (the kernel sends it when the supervisor dies, maybe while the worker is starting).
     signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -70,8 +75,9 @@ def _worker(settings: Settings, index: int, supervisor: int, private_dir: str | 
         sys.exit(EXIT_CONFIG)
     finally:
         if private_dir is not None and os.getppid() != supervisor:
-            # The supervisor was killed and cannot remove it: the last worker out leaves no
-            # live token behind.
+            # The supervisor was killed and cannot remove it. Each worker removes it as it
+            # exits (a sibling still draining goes on without the shared file), so no live
+            # token stays behind.
             shutil.rmtree(private_dir, ignore_errors=True)
 
 
@@ -84,7 +90,9 @@ def serve_workers(settings: Settings, count: int) -> None:
     if settings.server.port == 0:
         raise ConfigError("server.workers: needs a fixed server.port (workers share it)")
     _check_port(settings.server.host, settings.server.port)
-    from .server import stop_signals  # not at the top: a spawned worker imports this module first
+    # Imported here, as in _worker: a spawned worker imports this module before its signals
+    # are set, and must not spend that time importing aiohttp.
+    from .server import stop_signals
 
     stopping = False
     fatal: ConfigError | None = None
@@ -109,6 +117,10 @@ def serve_workers(settings: Settings, count: int) -> None:
                 ),
             )
         context = multiprocessing.get_context("spawn")
+        # Spawning starts multiprocessing's resource tracker with the first worker, and that
+        # unblocks SIGINT on its way out, before the worker is forked (see _start): start it
+        # first, on its own.
+        multiprocessing.resource_tracker.ensure_running()
         workers: dict[int, tuple[BaseProcess, float]] = {}
         delays = dict.fromkeys(range(count), RESTART_DELAY)
         restart_at: dict[int, float] = {}
@@ -216,9 +228,9 @@ def _start(
     process = context.Process(
         target=_worker, args=(settings, index, os.getpid(), private_dir), name=f"worker-{index}"
     )
-    # The worker inherits the signal mask: SIGHUP stays blocked until it has ignored it. One
-    # arriving meanwhile is held for the supervisor until the mask is restored.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # The worker inherits the signal mask: the terminal's signals stay blocked until it has
+    # ignored them. One arriving meanwhile is held for the supervisor until its mask is restored.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINAL_SIGNALS)
     try:
         process.start()
     finally:

@@ -254,3 +254,21 @@ def test_workers_without_a_writable_temporary_directory_say_what_to_set(
     message = str(raised.value)
     assert message.startswith("server.workers: cannot make a directory for the shared token")
     assert "auth.token_cache_file" in message
+
+
+async def test_ctrl_c_while_workers_start_stops_them_cleanly(
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream
+) -> None:
+    """Ctrl-C (SIGINT to the process group) as the workers start: exit 0, no traceback."""
+    port = free_port()
+    config = hangup_config(tmp_path, issuer, api)
+    args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
+    async with cli_process(args, tmp_path, worker_env(tmp_path), start_new_session=True) as proc:
+        await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        await asyncio.sleep(0.2)  # the workers are importing (a start takes ~0.5 s or more)
+        os.killpg(proc.pid, signal.SIGINT)
+        status, _, stderr = await finish(proc, 20)
+    assert status == 0, stderr
+    assert "Traceback" not in stderr
+    assert "KeyboardInterrupt" not in stderr
+    assert_no_private_dir(tmp_path)
