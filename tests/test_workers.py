@@ -7,6 +7,8 @@ import os
 import signal
 import socket
 import tempfile
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -162,9 +164,23 @@ async def test_workers_on_a_taken_port_exit_2(tmp_path: Path, issuer: StandInTok
     assert_no_private_dir(tmp_path)
 
 
-def hangup_config(tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream) -> str:
-    """Settings for the SIGHUP tests: in-flight requests get 5 s to finish."""
-    return auth_config(
+@asynccontextmanager
+async def in_a_session(
+    tmp_path: Path,
+    issuer: StandInTokenServer,
+    api: StandInUpstream,
+    workers: list[str],
+    *,
+    ready: bool = True,
+    wrapper: Sequence[str] = (),
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """``serve`` in a session of its own, whose process group is what a terminal signals.
+
+    Yields the process and its URL once its workers (if any) are up and, with ``ready``, once
+    it answers. In-flight requests get 5 s to finish.
+    """
+    port = free_port()
+    config = auth_config(
         tmp_path,
         issuer,
         extra=f'''
@@ -176,6 +192,15 @@ def hangup_config(tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstre
         access = false
         ''',
     )
+    args = ["serve", "--config", config, "--port", str(port), *workers]
+    env = worker_env(tmp_path)
+    async with cli_process(args, tmp_path, env, wrapper=wrapper, start_new_session=True) as proc:
+        url = f"http://127.0.0.1:{port}"
+        if ready:
+            await wait_ready(proc, url)
+        if workers:
+            await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        yield proc, url
 
 
 ONE_PROCESS_OR_WORKERS = pytest.mark.parametrize(
@@ -188,16 +213,7 @@ async def test_a_closed_terminal_drains_in_flight_requests(
     tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: list[str]
 ) -> None:
     """SIGHUP to the whole process group (a closed terminal) drains, as SIGTERM does."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    config = hangup_config(tmp_path, issuer, api)
-    args = ["serve", "--config", config, "--port", str(port), *workers]
-    env = worker_env(tmp_path)
-    # A session of its own: its process group is what a terminal would signal.
-    async with cli_process(args, tmp_path, env, start_new_session=True) as proc:
-        await wait_ready(proc, url)
-        if workers:
-            await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+    async with in_a_session(tmp_path, issuer, api, workers) as (proc, url):
         targets = [f"/slow/2?n={i}" for i in range(8)]
         in_flight = asyncio.create_task(get_statuses(url + target for target in targets))
         try:
@@ -221,15 +237,7 @@ async def test_under_nohup_a_closed_terminal_changes_nothing(
     tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: list[str]
 ) -> None:
     """Started with SIGHUP ignored, the proxy keeps serving through one; SIGTERM still stops it."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    config = hangup_config(tmp_path, issuer, api)
-    args = ["serve", "--config", config, "--port", str(port), *workers]
-    env = worker_env(tmp_path)
-    async with cli_process(args, tmp_path, env, wrapper=["nohup"], start_new_session=True) as proc:
-        await wait_ready(proc, url)
-        if workers:
-            await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+    async with in_a_session(tmp_path, issuer, api, workers, wrapper=["nohup"]) as (proc, url):
         before = children(proc.pid)
         os.killpg(proc.pid, signal.SIGHUP)
         await asyncio.sleep(0.5)  # ample time to start draining, had SIGHUP been taken for a stop
@@ -260,11 +268,8 @@ async def test_ctrl_c_while_workers_start_stops_them_cleanly(
     tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream
 ) -> None:
     """Ctrl-C (SIGINT to the process group) as the workers start: exit 0, no traceback."""
-    port = free_port()
-    config = hangup_config(tmp_path, issuer, api)
-    args = ["serve", "--config", config, "--port", str(port), "--workers", "2"]
-    async with cli_process(args, tmp_path, worker_env(tmp_path), start_new_session=True) as proc:
-        await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+    workers = ["--workers", "2"]
+    async with in_a_session(tmp_path, issuer, api, workers, ready=False) as (proc, _):
         await asyncio.sleep(0.2)  # the workers are importing (a start takes ~0.5 s or more)
         os.killpg(proc.pid, signal.SIGINT)
         status, _, stderr = await finish(proc, 20)
