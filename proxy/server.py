@@ -1,7 +1,7 @@
 """Server lifecycle, top to bottom: start the app, listen, wait for a signal, drain, stop.
 
-On SIGTERM, SIGINT or SIGHUP (a closed terminal), unless the last two were ignored from the
-start (see :func:`stop_signals`): readiness fails at once, the listening socket closes (no new
+On SIGTERM or SIGINT, or SIGHUP (a closed terminal) unless it was ignored from the start (see
+:func:`stop_signals`): readiness fails at once, the listening socket closes (no new
 connections), idle keep-alive connections close, in-flight requests get
 ``server.shutdown_grace`` seconds to finish, then the app's resources close and the process
 exits 0.
@@ -118,17 +118,13 @@ class Proxy:
 
 
 def stop_signals() -> list[signal.Signals]:
-    """The signals that stop the proxy gracefully: SIGTERM, and SIGINT and SIGHUP unless ignored.
+    """The signals that stop the proxy gracefully: SIGTERM, SIGINT, and SIGHUP unless ignored.
 
-    A terminal's signal ignored from the start stays ignored: ``nohup`` ignores SIGHUP, a
-    shell ignores SIGINT for a background job, and a worker ignores both (they reach the whole
-    process group; its supervisor orchestrates the stop).
+    SIGHUP ignored from the start means ``nohup``, or a worker (a terminal's hang-up reaches the
+    whole process group, and the supervisor orchestrates the stop): it then stays ignored.
     """
-    terminal = (signal.SIGINT, signal.SIGHUP)
-    return [
-        signal.SIGTERM,
-        *(sig for sig in terminal if signal.getsignal(sig) is not signal.SIG_IGN),
-    ]
+    ignored = signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    return [signal.SIGTERM, signal.SIGINT, *([] if ignored else [signal.SIGHUP])]
 
 
 def run_loop(main: Coroutine[Any, Any, T]) -> T:

@@ -79,6 +79,7 @@ class TokenManager:
         self._obtained_at = 0.0
         self._failures = 0
         self._retry_at = 0.0
+        self._store_failing = False
         self._hold_off = 0.0
         self._rejected: collections.deque[str] = collections.deque(maxlen=4)
         self.last_error: TokenError | None = None
@@ -236,13 +237,17 @@ class TokenManager:
         at once rather than after our backoff.
         """
         try:
-            token = await self._shared_token()
+            token = await self._shared_token(quiet=True)
         except Exception as exc:  # the refresher must outlive a broken store too
-            log.error("unexpected error reading the shared token (%s)", type(exc).__name__)
+            if not self._store_failing:  # one line per outage, not one a second
+                log.error("unexpected error reading the shared token (%s)", type(exc).__name__)
+            self._store_failing = True
             return False
+        self._store_failing = False
         # While the store answered, the backoff may have ended and a fetch begun: leave it be.
         if token is None or self._inflight is not None or self.retry_after() == 0:
             return False
+        log.info("using the token another process obtained (expires in %.0f s)", token.remaining())
         self._succeeded(token)
         return True
 

@@ -9,9 +9,10 @@ if the supervisor is killed, the workers remove it as they stop.
 
 The supervisor only watches: a worker that dies is restarted (after 1 s, doubling to 30 s
 while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, which drains as a
-single proxy does, and the supervisor exits 0 once they have. SIGHUP does the same (a closed
-terminal signals the whole process group: the workers ignore it and the supervisor drains
-them), unless it was ignored when the supervisor started (``nohup``). A port that cannot be had,
+single proxy does, and the supervisor exits 0 once they have. SIGHUP does the same unless it
+was ignored when the supervisor started (``nohup``). A terminal signals its whole process
+group: workers ignore its SIGHUP, and its SIGINT (Ctrl-C) until they serve, so the supervisor
+drains them. A port that cannot be had,
 or a worker exiting with status 2 (unusable settings), stops everything with status 2 instead
 of restarting forever.
 """
@@ -50,11 +51,12 @@ _TERMINAL_SIGNALS = {signal.SIGINT, signal.SIGHUP}
 
 
 def _worker(settings: Settings, index: int, supervisor: int, private_dir: str | None) -> None:
-    """A worker process: one proxy sharing the port, until SIGTERM.
+    """A worker process: one proxy sharing the port, until SIGTERM or SIGINT.
 
-    A terminal's SIGINT (Ctrl-C) and SIGHUP reach the whole process group: the worker ignores
-    them and the supervisor stops the workers on them. If the supervisor is gone when the worker
-    stops, the worker removes the supervisor's ``private_dir`` (the shared token).
+    A terminal's SIGINT (Ctrl-C) and SIGHUP reach the whole process group, and the supervisor
+    stops the workers on them: a worker ignores SIGHUP, and SIGINT until it serves (from then
+    on SIGINT drains it as SIGTERM does). If the supervisor is gone when the worker stops, the
+    worker removes the supervisor's ``private_dir`` (the shared token).
     """
     # They came blocked (see _start) so that neither could kill the worker before this line.
     for sig in _TERMINAL_SIGNALS:
@@ -117,10 +119,6 @@ def serve_workers(settings: Settings, count: int) -> None:
                 ),
             )
         context = multiprocessing.get_context("spawn")
-        # Spawning starts multiprocessing's resource tracker with the first worker, and that
-        # unblocks SIGINT on its way out, before the worker is forked (see _start): start it
-        # first, on its own.
-        multiprocessing.resource_tracker.ensure_running()
         workers: dict[int, tuple[BaseProcess, float]] = {}
         delays = dict.fromkeys(range(count), RESTART_DELAY)
         restart_at: dict[int, float] = {}
@@ -170,10 +168,10 @@ def serve_workers(settings: Settings, count: int) -> None:
                 process.kill()
                 process.join()
     finally:
+        if private_dir is not None:  # before the handlers go: a signal must not skip this
+            shutil.rmtree(private_dir, ignore_errors=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if private_dir is not None:
-            shutil.rmtree(private_dir, ignore_errors=True)
     if fatal is not None:
         raise fatal
 
@@ -228,6 +226,9 @@ def _start(
     process = context.Process(
         target=_worker, args=(settings, index, os.getpid(), private_dir), name=f"worker-{index}"
     )
+    # Spawning (re)starts multiprocessing's resource tracker when it is not running, and that
+    # unblocks SIGINT on its way out, before the worker is forked: start it first, on its own.
+    multiprocessing.resource_tracker.ensure_running()
     # The worker inherits the signal mask: the terminal's signals stay blocked until it has
     # ignored them. One arriving meanwhile is held for the supervisor until its mask is restored.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _TERMINAL_SIGNALS)

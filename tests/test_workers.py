@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import tempfile
@@ -169,15 +170,15 @@ async def in_a_session(
     tmp_path: Path,
     issuer: StandInTokenServer,
     api: StandInUpstream,
-    workers: list[str],
+    workers: int,
     *,
     ready: bool = True,
     wrapper: Sequence[str] = (),
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """``serve`` in a session of its own, whose process group is what a terminal signals.
 
-    Yields the process and its URL once its workers (if any) are up and, with ``ready``, once
-    it answers. In-flight requests get 5 s to finish.
+    Yields the process and its URL once its ``workers`` (if more than 1) are up and, with
+    ``ready``, once it answers. In-flight requests get 5 s to finish.
     """
     port = free_port()
     config = auth_config(
@@ -192,25 +193,25 @@ async def in_a_session(
         access = false
         ''',
     )
-    args = ["serve", "--config", config, "--port", str(port), *workers]
+    args = ["serve", "--config", config, "--port", str(port), "--workers", str(workers)]
     env = worker_env(tmp_path)
     async with cli_process(args, tmp_path, env, wrapper=wrapper, start_new_session=True) as proc:
         url = f"http://127.0.0.1:{port}"
         if ready:
             await wait_ready(proc, url)
-        if workers:
-            await poll(lambda: _async(len(children(proc.pid)) == 2), 10, "two workers")
+        if workers > 1:
+            await poll(lambda: _async(len(children(proc.pid)) == workers), 10, "the workers")
         yield proc, url
 
 
 ONE_PROCESS_OR_WORKERS = pytest.mark.parametrize(
-    "workers", [["--workers", "2"], []], ids=["two-workers", "one-process"]
+    "workers", [2, 1], ids=["two-workers", "one-process"]
 )
 
 
 @ONE_PROCESS_OR_WORKERS
 async def test_a_closed_terminal_drains_in_flight_requests(
-    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: list[str]
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: int
 ) -> None:
     """SIGHUP to the whole process group (a closed terminal) drains, as SIGTERM does."""
     async with in_a_session(tmp_path, issuer, api, workers) as (proc, url):
@@ -234,7 +235,7 @@ async def test_a_closed_terminal_drains_in_flight_requests(
 
 @ONE_PROCESS_OR_WORKERS
 async def test_under_nohup_a_closed_terminal_changes_nothing(
-    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: list[str]
+    tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream, workers: int
 ) -> None:
     """Started with SIGHUP ignored, the proxy keeps serving through one; SIGTERM still stops it."""
     async with in_a_session(tmp_path, issuer, api, workers, wrapper=["nohup"]) as (proc, url):
@@ -268,8 +269,11 @@ async def test_ctrl_c_while_workers_start_stops_them_cleanly(
     tmp_path: Path, issuer: StandInTokenServer, api: StandInUpstream
 ) -> None:
     """Ctrl-C (SIGINT to the process group) as the workers start: exit 0, no traceback."""
-    workers = ["--workers", "2"]
-    async with in_a_session(tmp_path, issuer, api, workers, ready=False) as (proc, _):
+    async with in_a_session(tmp_path, issuer, api, 2, ready=False) as (proc, _):
+        for pid in children(proc.pid):  # SIGHUP (1) and SIGINT (2) held or ignored from spawn on
+            status = Path(f"/proc/{pid}/status").read_text()
+            masks = dict(re.findall(r"^(SigBlk|SigIgn):\s*([0-9a-f]+)$", status, re.M))
+            assert (int(masks["SigBlk"], 16) | int(masks["SigIgn"], 16)) & 0b11 == 0b11
         await asyncio.sleep(0.2)  # the workers are importing (a start takes ~0.5 s or more)
         os.killpg(proc.pid, signal.SIGINT)
         status, _, stderr = await finish(proc, 20)
