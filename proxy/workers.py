@@ -12,9 +12,8 @@ while it keeps dying young); SIGTERM or SIGINT is passed on to every worker, whi
 single proxy does, and the supervisor exits 0 once they have. SIGHUP does the same unless it
 was ignored when the supervisor started (``nohup``). A terminal signals its whole process
 group: workers ignore its SIGHUP, and its SIGINT (Ctrl-C) until they serve, so the supervisor
-drains them. A port that cannot be had,
-or a worker exiting with status 2 (unusable settings), stops everything with status 2 instead
-of restarting forever.
+drains them. A port that cannot be had, or a worker exiting with status 2 (unusable settings),
+stops everything with status 2 instead of restarting forever.
 """
 
 from __future__ import annotations
@@ -181,10 +180,11 @@ def _private_dir() -> str:
     try:
         return tempfile.mkdtemp(prefix="sparks-proxy-")
     except OSError as exc:  # e.g. a read-only root filesystem with no writable /tmp
+        # Not gettempdir() here: with no usable directory at all, it raises again.
+        where = f": {exc.filename}" if exc.filename else ""
         raise ConfigError(
-            f"server.workers: cannot make a directory for the shared token in "
-            f"{tempfile.gettempdir()!r} ({exc.strerror}); set auth.token_cache_file to a "
-            "writable path, or TMPDIR"
+            f"server.workers: cannot make a directory for the shared token ({exc.strerror}"
+            f"{where}); set auth.token_cache_file to a writable path, or TMPDIR"
         ) from None
 
 
