@@ -361,10 +361,11 @@ def validate(settings: Settings) -> Settings:
 
     upstream_url = _check_url("upstream.url", settings.upstream.url, allow_path=True)
     _check_url("auth.token_url", settings.auth.token_url, allow_path=True)
-    ca_file = settings.upstream.ca_file
-    if ca_file and not _readable(ca_file):
-        raise ConfigError(f"upstream.ca_file: cannot read {ca_file!r}; expected a readable file")
-    if ca_file:
+    if ca_file := settings.upstream.ca_file:
+        if not _readable(ca_file):
+            raise ConfigError(
+                f"upstream.ca_file: cannot read {ca_file!r}; expected a readable file"
+            )
         try:  # this file alone, not the system's CA store as well
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=ca_file)
         except (ssl.SSLError, ValueError):

@@ -85,6 +85,8 @@ class ProxyError(SparksProxyError):
     code = "internal_error"
     closes_connection = False
     """Whether the connection must close after the answer (the framing cannot be trusted)."""
+    allow = ""
+    """The methods a 405 lists in its ``Allow`` field, when the proxy knows them."""
 
     def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
         super().__init__(detail)
@@ -123,7 +125,7 @@ class MethodNotAllowed(ProxyError):
 
     def __init__(self, detail: str, *, allow: str = "") -> None:
         super().__init__(detail)
-        self.allow = allow
+        self.allow = allow  # the /-/ path's methods; for TRACE and CONNECT, unknown here
 
 
 class TunnelRefused(MethodNotAllowed):
@@ -245,5 +247,5 @@ def error_answer(error: ProxyError) -> Answer:
         error.detail,
         retry_after=error.retry_after,
         close=error.closes_connection,
-        allow=error.allow if isinstance(error, MethodNotAllowed) else "",
+        allow=error.allow,
     )
